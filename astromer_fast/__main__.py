@@ -1,0 +1,5 @@
+import sys
+
+from astromer_fast.cli import main
+
+sys.exit(main())

@@ -1,0 +1,98 @@
+"""Command line: ``astromer-fast embed``, ``astromer-fast convert``, ``astromer-fast info``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _embed(args):
+    from astromer_fast.embedding import embed
+
+    summary = embed(args.inputs, args.output, model=args.model, batch_size=args.batch_size,
+                    device=args.device, window_mode=args.window_mode, min_obs=args.min_obs,
+                    id_col=args.id_col, band_col=args.band_col, lightcurve_col=args.lc_col,
+                    continue_on_error=args.continue_on_error, progress=not args.quiet)
+    for src, dst, rej in summary.files:
+        if dst is None:
+            print(f"FAILED {src}: {rej}", file=sys.stderr)
+    return 1 if any(dst is None for _, dst, _ in summary.files) else 0
+
+
+def _convert(args):
+    from astromer_fast.weights import load_official_checkpoint
+
+    model = load_official_checkpoint(args.checkpoint, require_head=not args.no_head)
+    model.save_pretrained(args.output, metadata={"converted_from": str(args.checkpoint)})
+    print(f"{args.checkpoint} -> {args.output} ({model.config.name}, "
+          f"{model.num_parameters():,} parameters)")
+    return 0
+
+
+def _info(args):
+    import torch
+
+    import astromer_fast
+    from astromer_fast.kernels import available_backends
+    from astromer_fast.kernels._ext import cpu_ext, cuda_ext
+    from astromer_fast.weights.packaged import packaged_models
+
+    print(f"astromer_fast {astromer_fast.__version__}, torch {torch.__version__}")
+    for name, mod in (("_C", cpu_ext()), ("_C_cuda", cuda_ext())):
+        print(f"  {name}: {mod.build_info() if mod is not None else 'not available'}")
+    print(f"  backends (cpu): {available_backends(torch.device('cpu'))}")
+    if torch.cuda.is_available():
+        print(f"  backends (cuda): {available_backends(torch.device('cuda'))}")
+    print(f"  packaged models: {packaged_models() or 'none'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="astromer-fast",
+                                description="Astromer 2 light-curve embeddings, fast.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("embed", help="embed Parquet light curves into one vector per curve",
+                       description="Write OUT/<stem>.parquet (id, band, n_obs, n_windows, "
+                       "embedding) and OUT/<stem>.rejects.parquet (id, band, reason) per input.")
+    e.add_argument("inputs", nargs="+", help="Parquet files, globs or directories")
+    e.add_argument("-o", "--output", required=True, help="output directory")
+    e.add_argument("--model", default=None, help="packaged model name, save_pretrained "
+                   "directory or released TensorFlow checkpoint (default: the packaged model)")
+    e.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    e.add_argument("--batch-size", type=int, default=256, help="windows per model call")
+    e.add_argument("--window-mode", choices=["overlap", "nonoverlap"], default="overlap")
+    e.add_argument("--min-obs", type=int, default=5,
+                   help="curves with fewer valid observations are rejected (default 5)")
+    e.add_argument("--id-col", default="id")
+    e.add_argument("--band-col", default="band")
+    e.add_argument("--lc-col", default="lightcurve",
+                   help="list<struct<time, mag, magerr>> column")
+    e.add_argument("--continue-on-error", action="store_true",
+                   help="report an unreadable file and go on with the others")
+    e.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    e.set_defaults(func=_embed)
+
+    c = sub.add_parser("convert", help="convert a released TensorFlow checkpoint to safetensors")
+    c.add_argument("checkpoint", help=".zip as released, the folder inside it, or its prefix")
+    c.add_argument("output", help="directory to write model.safetensors + config.json into")
+    c.add_argument("--no-head", action="store_true",
+                   help="accept a checkpoint without the regression head (classifiers)")
+    c.set_defaults(func=_convert)
+
+    i = sub.add_parser("info", help="versions, compiled kernels, backends, packaged models")
+    i.set_defaults(func=_info)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (OSError, ValueError) as e:
+        print(f"astromer-fast: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
