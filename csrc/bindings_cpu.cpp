@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "cpu/input_embedding.h"
+#include "cpu/weighted_rmse.h"
 
 namespace py = pybind11;
 
@@ -35,6 +36,25 @@ void input_embedding_forward(std::uintptr_t t, std::uintptr_t m, std::uintptr_t 
   astromer_fast::cpu::input_embedding_forward(a, num_threads);
 }
 
+void weighted_rmse_forward(std::uintptr_t pred, bool pred_bf16, std::uintptr_t target,
+                           std::uintptr_t err, std::uintptr_t probed, std::uintptr_t valid,
+                           std::int64_t rows, std::int64_t length, std::uintptr_t loss,
+                           std::uintptr_t scale, std::uintptr_t dir, int num_threads) {
+  astromer_fast::cpu::WeightedRmseArgs a;
+  a.pred = as_ptr<const void>(pred);
+  a.pred_bf16 = pred_bf16;
+  a.target = as_ptr<const float>(target);
+  a.err = as_ptr<const float>(err);
+  a.probed = as_ptr<const std::uint8_t>(probed);
+  a.valid = as_ptr<const std::uint8_t>(valid);
+  a.rows = rows;
+  a.length = length;
+  a.loss = as_ptr<float>(loss);
+  a.scale = as_ptr<float>(scale);
+  a.dir = as_ptr<float>(dir);
+  astromer_fast::cpu::weighted_rmse_forward(a, num_threads);
+}
+
 py::dict build_info() {
   py::dict d;
   d["module"] = "astromer_fast._C";
@@ -55,5 +75,13 @@ PYBIND11_MODULE(_C, mod) {
           py::arg("t"), py::arg("m"), py::arg("hidden"), py::arg("w"), py::arg("b"),
           py::arg("token"), py::arg("base"), py::arg("rows"), py::arg("dim"), py::arg("out"),
           py::arg("num_threads") = 1, py::call_guard<py::gil_scoped_release>());
+  mod.def("weighted_rmse_forward", &weighted_rmse_forward,
+          "Weighted masked RMSE (SPEC.md section 4) of (rows, length) host buffers: writes the loss, "
+          "scale = 1/(loss*n_probed_windows) and dir = w p (pred - y) / c (d loss/d pred = dir*scale); "
+          "0 = null pointer (err: weights 1; valid: = probed; scale/dir: not wanted).",
+          py::arg("pred"), py::arg("pred_bf16"), py::arg("target"), py::arg("err"),
+          py::arg("probed"), py::arg("valid"), py::arg("rows"), py::arg("length"), py::arg("loss"),
+          py::arg("scale"), py::arg("dir"), py::arg("num_threads") = 1,
+          py::call_guard<py::gil_scoped_release>());
   mod.def("build_info", &build_info, "Compiler and build settings of this extension.");
 }

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "cuda/input_embedding.h"
+#include "cuda/weighted_rmse.h"
 
 namespace py = pybind11;
 
@@ -37,6 +38,28 @@ void input_embedding_forward(std::uintptr_t t, std::uintptr_t m, std::uintptr_t 
   if (err != nullptr) throw std::runtime_error(std::string("astromer_fast._C_cuda: ") + err);
 }
 
+void weighted_rmse_forward(std::uintptr_t pred, bool pred_bf16, std::uintptr_t target,
+                           std::uintptr_t err, std::uintptr_t probed, std::uintptr_t valid,
+                           std::int64_t rows, std::int64_t length, std::uintptr_t workspace,
+                           std::uintptr_t loss, std::uintptr_t scale, std::uintptr_t dir,
+                           int device, std::uintptr_t stream) {
+  astromer_fast::cuda::WeightedRmseArgs a;
+  a.pred = as_ptr<const void>(pred);
+  a.pred_bf16 = pred_bf16;
+  a.target = as_ptr<const float>(target);
+  a.err = as_ptr<const float>(err);
+  a.probed = as_ptr<const std::uint8_t>(probed);
+  a.valid = as_ptr<const std::uint8_t>(valid);
+  a.rows = rows;
+  a.length = length;
+  a.workspace = as_ptr<float>(workspace);
+  a.loss = as_ptr<float>(loss);
+  a.scale = as_ptr<float>(scale);
+  a.dir = as_ptr<float>(dir);
+  const char* e = astromer_fast::cuda::weighted_rmse_forward(a, device, as_ptr<void>(stream));
+  if (e != nullptr) throw std::runtime_error(std::string("astromer_fast._C_cuda: ") + e);
+}
+
 py::dict build_info() {
   namespace k = astromer_fast::cuda;
   py::dict d;
@@ -63,6 +86,14 @@ PYBIND11_MODULE(_C_cuda, mod) {
           "error string if the launch fails.",
           py::arg("t"), py::arg("m"), py::arg("hidden"), py::arg("w"), py::arg("b"),
           py::arg("token"), py::arg("base"), py::arg("rows"), py::arg("dim"), py::arg("out"),
+          py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  mod.def("weighted_rmse_forward", &weighted_rmse_forward,
+          "Enqueue the weighted masked RMSE (SPEC.md section 4) of (rows, length) device buffers "
+          "on `stream`: loss, scale = 1/(loss*n_probed_windows), dir = w p (pred - y) / c; "
+          "workspace holds 2*rows floats. 0 = null pointer. Not yet run on a GPU.",
+          py::arg("pred"), py::arg("pred_bf16"), py::arg("target"), py::arg("err"),
+          py::arg("probed"), py::arg("valid"), py::arg("rows"), py::arg("length"),
+          py::arg("workspace"), py::arg("loss"), py::arg("scale"), py::arg("dir"),
           py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   mod.def("device_count", &astromer_fast::cuda::cuda_device_count,
           "Number of CUDA devices visible to this module's runtime (0 without a driver).");
