@@ -11,6 +11,7 @@ from astromer_fast.kernels.backends import (
     resolve_backend,
 )
 from astromer_fast.kernels.input_embedding import input_embedding, input_embedding_reference
+from astromer_fast.kernels.weighted_rmse import weighted_rmse, weighted_rmse_reference
 
 __all__ = [
     "BACKENDS",
@@ -19,4 +20,6 @@ __all__ = [
     "input_embedding",
     "input_embedding_reference",
     "resolve_backend",
+    "weighted_rmse",
+    "weighted_rmse_reference",
 ]
