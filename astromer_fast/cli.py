@@ -12,11 +12,15 @@ def _embed(args):
     summary = embed(args.inputs, args.output, model=args.model, batch_size=args.batch_size,
                     device=args.device, window_mode=args.window_mode, min_obs=args.min_obs,
                     id_col=args.id_col, band_col=args.band_col, lightcurve_col=args.lc_col,
-                    continue_on_error=args.continue_on_error, progress=not args.quiet)
-    for src, dst, rej in summary.files:
-        if dst is None:
-            print(f"FAILED {src}: {rej}", file=sys.stderr)
-    return 1 if any(dst is None for _, dst, _ in summary.files) else 0
+                    time_col=args.time_col, mag_col=args.mag_col, err_col=args.err_col,
+                    layout=args.layout, bands=args.band, layers=args.layers,
+                    per_window=args.per_window, read_batch_rows=args.read_rows,
+                    resume=args.resume, continue_on_error=args.continue_on_error,
+                    progress=not args.quiet)
+    for src, why in summary.failed:
+        print(f"FAILED {why[len('error: '):] if why.startswith('error: ') else src}",
+              file=sys.stderr)
+    return 1 if summary.failed else 0
 
 
 def _convert(args):
@@ -54,20 +58,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("embed", help="embed Parquet light curves into one vector per curve",
                        description="Write OUT/<stem>.parquet (id, band, n_obs, n_windows, "
-                       "embedding) and OUT/<stem>.rejects.parquet (id, band, reason) per input.")
+                       "embedding) and OUT/<stem>.rejects.parquet (id, band, n_obs, reason) per "
+                       "input, atomically. Layouts (nested list<struct>, struct of lists, "
+                       "parallel lists, long table) and common column names (hmjd/mjd/"
+                       "midpointMjdTai, psfMag/magpsf, sigmapsf/psfMagErr, band/filter/fid) "
+                       "are detected; the --*-col options override.")
     e.add_argument("inputs", nargs="+", help="Parquet files, globs or directories")
     e.add_argument("-o", "--output", required=True, help="output directory")
     e.add_argument("--model", default=None, help="packaged model name, save_pretrained "
                    "directory or released TensorFlow checkpoint (default: the packaged model)")
     e.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     e.add_argument("--batch-size", type=int, default=256, help="windows per model call")
+    e.add_argument("--read-rows", type=int, default=4096,
+                   help="curves per record batch read (bounds memory; default 4096)")
     e.add_argument("--window-mode", choices=["overlap", "nonoverlap"], default="overlap")
     e.add_argument("--min-obs", type=int, default=5,
                    help="curves with fewer valid observations are rejected (default 5)")
-    e.add_argument("--id-col", default="id")
-    e.add_argument("--band-col", default="band")
-    e.add_argument("--lc-col", default="lightcurve",
-                   help="list<struct<time, mag, magerr>> column")
+    e.add_argument("--layout", choices=["nested", "struct_of_lists", "lists", "long"],
+                   default=None, help="force a layout (default: detected)")
+    e.add_argument("--id-col", default=None)
+    e.add_argument("--band-col", default=None, help="band column or field ('' for none)")
+    e.add_argument("--lc-col", default=None,
+                   help="the list<struct> or struct-of-lists column")
+    e.add_argument("--time-col", default=None)
+    e.add_argument("--mag-col", default=None)
+    e.add_argument("--err-col", default=None, help="error column or field ('' for none)")
+    e.add_argument("--band", action="append", default=None,
+                   help="embed only this band (repeatable)")
+    e.add_argument("--layers", action="store_true",
+                   help="also write the (n_blocks+1, D) per-layer means (gamma-weighted input)")
+    e.add_argument("--per-window", action="store_true", help="one row per window")
+    e.add_argument("--resume", action="store_true",
+                   help="skip inputs whose output already exists (temp files are redone)")
     e.add_argument("--continue-on-error", action="store_true",
                    help="report an unreadable file and go on with the others")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")

@@ -1,0 +1,217 @@
+"""The host side of the embedding pipeline: read record batches, decode, clean and window them on
+a worker thread, and hand prepared chunks to the model through a bounded queue.
+
+Memory is bounded by (queue depth + 2) chunks of ``read_batch_rows`` curves, whatever the input
+size: nothing accumulates across chunks (outputs are written chunk by chunk).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from astromer_fast.data import basic_clean, make_windows
+from astromer_fast.data.layouts import Layout, decode_batch, detect_layout, iter_grouped
+from astromer_fast.embedding.device import Timers, pin
+
+# Rows per record batch of a long table (one row per observation).
+LONG_BATCH_ROWS = 1 << 19
+
+
+@dataclass
+class Chunk:
+    """One batch of curves, decoded, cleaned and windowed, ready for the device.
+
+    ``ids``/``bands``: one entry per curve (input order). ``n_obs``: valid observations per
+    curve after cleaning; ``n_in``: observations as read. ``windows_per_curve``. ``reasons``:
+    (curve index, reason) of every curve left out. ``tensors``: the windows sorted by decreasing
+    valid count (t, m, valid, curve, n_valid; pinned on CUDA); ``start``/``order``: each sorted
+    window's start in its curve and its position in curve order."""
+
+    ids: pa.Array
+    bands: pa.Array
+    n_obs: np.ndarray
+    n_in: np.ndarray
+    windows_per_curve: np.ndarray
+    reasons: list
+    tensors: dict
+    n_valid_sorted: np.ndarray
+    start: np.ndarray
+    order: np.ndarray
+    n_rows: int
+    n_filtered: int = 0
+
+    @property
+    def n_curves(self) -> int:
+        return len(self.n_obs)
+
+    @property
+    def n_windows(self) -> int:
+        return len(self.n_valid_sorted)
+
+
+def reject_reason(report, problems, i, n_left, min_obs) -> str:
+    if i in problems:
+        return problems[i]
+    n_in = int(report.n_in[i])
+    if n_in == 0:
+        return "empty light curve (0 observations)"
+    why = f"{n_left} valid observation(s) left, fewer than min_obs={min_obs}"
+    dropped = report.describe(i)
+    return f"{why} ({dropped})" if dropped else why
+
+
+def prepare(batch, layout: Layout, *, window: int, window_mode: str, min_obs: int,
+            cuda: bool = False, bands=None, timers: Timers | None = None) -> Chunk:
+    """Decode (vectorised), clean (``basic_clean``), window (``make_windows``) and sort one
+    batch. The only Python loop is over rejected curves, to word their reasons."""
+    tm = timers if timers is not None else Timers()
+    t0 = time.perf_counter()
+    dec = decode_batch(batch, layout)
+    n_filtered = 0
+    if bands is not None:
+        keep = pc.fill_null(pc.is_in(dec.bands, value_set=pa.array(list(bands), pa.string())),
+                            False).to_numpy(zero_copy_only=False)
+        if not keep.all():
+            idx = np.flatnonzero(keep)
+            n_filtered = len(keep) - len(idx)
+            remap = {int(j): i for i, j in enumerate(idx)}
+            dec.problems = {remap[k]: v for k, v in dec.problems.items() if k in remap}
+            dec.ids, dec.bands = dec.ids.take(pa.array(idx)), dec.bands.take(pa.array(idx))
+            dec.curves = dec.curves.take(idx)
+    t1 = time.perf_counter()
+    curves, report = basic_clean(dec.curves)
+    t2 = time.perf_counter()
+    w = make_windows(curves, window=window, mode=window_mode, min_obs=min_obs)
+    n = len(curves)
+    per_curve = np.bincount(w.curve, minlength=n)
+    order = np.argsort(-w.n_valid, kind="stable")
+    tensors = {"t": pin(w.t[order], cuda), "m": pin(w.m[order], cuda),
+               "valid": pin(w.valid[order], cuda), "curve": pin(w.curve[order], cuda),
+               "n_valid": pin(w.n_valid[order], cuda)}
+    lengths = curves.lengths
+    reasons = [(int(i), reject_reason(report, dec.problems, int(i), int(lengths[i]), min_obs))
+               for i in np.flatnonzero(per_curve == 0)]
+    t3 = time.perf_counter()
+    tm.add("decode", t1 - t0)
+    tm.add("clean", t2 - t1)
+    tm.add("window", t3 - t2)
+    return Chunk(dec.ids, dec.bands, lengths, report.n_in, per_curve, reasons, tensors,
+                 w.n_valid[order], w.start[order], order, dec.n_rows, n_filtered)
+
+
+@dataclass
+class Job:
+    """One input: a Parquet path or an in-memory table (``name`` labels it in messages)."""
+
+    name: str
+    path: object = None
+    table: pa.Table | None = None
+
+
+class InputFileError(ValueError):
+    """An input could not be read or does not hold light curves; the message names it."""
+
+
+def open_job(job: Job, layout_kw: dict):
+    """(layout, schema, batch iterator factory) for a job; raises InputFileError."""
+    try:
+        if job.table is not None:
+            schema = job.table.schema
+            layout = detect_layout(schema, job.name, **layout_kw)
+            return layout, lambda rows: iter(job.table.select(layout.columns())
+                                             .to_batches(max_chunksize=rows))
+        pf = pq.ParquetFile(job.path)
+        schema = pf.schema_arrow
+        layout = detect_layout(schema, job.name, **layout_kw)
+        return layout, lambda rows: pf.iter_batches(batch_size=rows, columns=layout.columns())
+    except InputFileError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure to open is reported against the file
+        msg = str(e) if str(e).startswith(job.name) else f"{job.name}: {e}"
+        raise InputFileError(msg) from e
+
+
+class Producer:
+    """The worker thread: for each job, ("start", job, layout), then ("chunk", job, Chunk)...,
+    then ("end", job) or ("error", job, exception); finally ("done",). The queue is bounded, so
+    the worker runs at most ``depth`` chunks ahead of the model."""
+
+    def __init__(self, jobs, layout_kw, prep_kw, read_batch_rows, long_batch_rows=None,
+                 depth: int = 2):
+        self.jobs, self.layout_kw, self.prep_kw = jobs, layout_kw, prep_kw
+        self.rows = read_batch_rows
+        self.long_rows = long_batch_rows or max(LONG_BATCH_ROWS, read_batch_rows)
+        self.q = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self.timers = Timers()
+        self.thread = threading.Thread(target=self._run, name="astromer-decode", daemon=True)
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def _put(self, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self):
+        for job in self.jobs:
+            if self.stop.is_set():
+                return
+            try:
+                layout, batches = open_job(job, self.layout_kw)
+                if not self._put(("start", job, layout)):
+                    return
+                if layout.kind == "long":
+                    it = iter_grouped(batches(self.long_rows), layout.id)
+                else:
+                    it = batches(self.rows)
+                while True:
+                    t0 = time.perf_counter()
+                    try:
+                        rb = next(it)
+                    except StopIteration:
+                        break
+                    self.timers.add("read", time.perf_counter() - t0)
+                    chunk = prepare(rb, layout, timers=self.timers, **self.prep_kw)
+                    if not self._put(("chunk", job, chunk)):
+                        return
+                item = ("end", job)
+            except Exception as e:  # noqa: BLE001 - reported against the file by the consumer
+                msg = str(e) if str(e).startswith(job.name) else f"{job.name}: {e}"
+                item = ("error", job, InputFileError(msg))
+                item[2].__cause__ = e
+            if not self._put(item):
+                return
+        self._put(("done",))
+
+    def __iter__(self):
+        while True:
+            t0 = time.perf_counter()
+            item = self.q.get()
+            self.timers.add("wait (model idle)", time.perf_counter() - t0)
+            if item[0] == "done":
+                return
+            yield item
+
+    def close(self):
+        self.stop.set()
+        try:  # unblock a worker waiting on a full queue
+            while True:
+                self.q.get_nowait()
+        except queue.Empty:
+            pass
+        self.thread.join(timeout=10)
