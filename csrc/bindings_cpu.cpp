@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "cpu/input_embedding.h"
+#include "cpu/masked_attention.h"
 #include "cpu/weighted_rmse.h"
 
 namespace py = pybind11;
@@ -55,6 +56,52 @@ void weighted_rmse_forward(std::uintptr_t pred, bool pred_bf16, std::uintptr_t t
   astromer_fast::cpu::weighted_rmse_forward(a, num_threads);
 }
 
+void masked_attention_forward(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
+                              std::uintptr_t key_hidden, std::int64_t batch, std::int64_t heads,
+                              std::int64_t length, std::int64_t head_dim, int rule, double scale,
+                              std::uintptr_t out, std::uintptr_t lse, int num_threads) {
+  astromer_fast::cpu::MaskedAttentionArgs a;
+  a.q = as_ptr<const float>(q);
+  a.k = as_ptr<const float>(k);
+  a.v = as_ptr<const float>(v);
+  a.key_hidden = as_ptr<const std::uint8_t>(key_hidden);
+  a.batch = batch;
+  a.heads = heads;
+  a.length = length;
+  a.head_dim = head_dim;
+  a.rule = rule;
+  a.scale = static_cast<float>(scale);
+  a.out = as_ptr<float>(out);
+  a.lse = as_ptr<float>(lse);
+  astromer_fast::cpu::masked_attention_forward(a, num_threads);
+}
+
+void masked_attention_backward(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
+                               std::uintptr_t key_hidden, std::uintptr_t out, std::uintptr_t lse,
+                               std::uintptr_t dout, std::int64_t batch, std::int64_t heads,
+                               std::int64_t length, std::int64_t head_dim, int rule, double scale,
+                               std::uintptr_t dq, std::uintptr_t dk, std::uintptr_t dv,
+                               int num_threads) {
+  astromer_fast::cpu::MaskedAttentionBackwardArgs g;
+  g.fwd.q = as_ptr<const float>(q);
+  g.fwd.k = as_ptr<const float>(k);
+  g.fwd.v = as_ptr<const float>(v);
+  g.fwd.key_hidden = as_ptr<const std::uint8_t>(key_hidden);
+  g.fwd.out = as_ptr<float>(out);
+  g.fwd.lse = as_ptr<float>(lse);
+  g.fwd.batch = batch;
+  g.fwd.heads = heads;
+  g.fwd.length = length;
+  g.fwd.head_dim = head_dim;
+  g.fwd.rule = rule;
+  g.fwd.scale = static_cast<float>(scale);
+  g.dout = as_ptr<const float>(dout);
+  g.dq = as_ptr<float>(dq);
+  g.dk = as_ptr<float>(dk);
+  g.dv = as_ptr<float>(dv);
+  astromer_fast::cpu::masked_attention_backward(g, num_threads);
+}
+
 py::dict build_info() {
   py::dict d;
   d["module"] = "astromer_fast._C";
@@ -83,5 +130,19 @@ PYBIND11_MODULE(_C, mod) {
           py::arg("probed"), py::arg("valid"), py::arg("rows"), py::arg("length"), py::arg("loss"),
           py::arg("scale"), py::arg("dir"), py::arg("num_threads") = 1,
           py::call_guard<py::gil_scoped_release>());
+  mod.def("masked_attention_forward", &masked_attention_forward,
+          "Masked attention (SPEC.md section 3) on float32 (B, H, L, hd) host buffers: writes out "
+          "and the log-sum-exp lse (B, H, L). rule 0 = key (-1e9), 1 = query_or_key_plus1 (+1).",
+          py::arg("q"), py::arg("k"), py::arg("v"), py::arg("key_hidden"), py::arg("batch"),
+          py::arg("heads"), py::arg("length"), py::arg("head_dim"), py::arg("rule"),
+          py::arg("scale"), py::arg("out"), py::arg("lse"), py::arg("num_threads") = 1,
+          py::call_guard<py::gil_scoped_release>());
+  mod.def("masked_attention_backward", &masked_attention_backward,
+          "dq, dk, dv of masked attention from q, k, v, key_hidden, out, lse and dout (float32 "
+          "host buffers), recomputing the probabilities from lse.",
+          py::arg("q"), py::arg("k"), py::arg("v"), py::arg("key_hidden"), py::arg("out"),
+          py::arg("lse"), py::arg("dout"), py::arg("batch"), py::arg("heads"), py::arg("length"),
+          py::arg("head_dim"), py::arg("rule"), py::arg("scale"), py::arg("dq"), py::arg("dk"),
+          py::arg("dv"), py::arg("num_threads") = 1, py::call_guard<py::gil_scoped_release>());
   mod.def("build_info", &build_info, "Compiler and build settings of this extension.");
 }

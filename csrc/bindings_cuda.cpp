@@ -8,6 +8,7 @@
 #include <string>
 
 #include "cuda/input_embedding.h"
+#include "cuda/masked_attention.h"
 #include "cuda/weighted_rmse.h"
 
 namespace py = pybind11;
@@ -60,6 +61,59 @@ void weighted_rmse_forward(std::uintptr_t pred, bool pred_bf16, std::uintptr_t t
   if (e != nullptr) throw std::runtime_error(std::string("astromer_fast._C_cuda: ") + e);
 }
 
+void masked_attention_forward(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
+                              std::uintptr_t key_hidden, bool bf16, std::int64_t batch,
+                              std::int64_t heads, std::int64_t length, std::int64_t head_dim,
+                              int rule, double scale, std::uintptr_t out, std::uintptr_t lse,
+                              int device, std::uintptr_t stream) {
+  astromer_fast::cuda::MaskedAttentionArgs a;
+  a.q = as_ptr<const void>(q);
+  a.k = as_ptr<const void>(k);
+  a.v = as_ptr<const void>(v);
+  a.key_hidden = as_ptr<const std::uint8_t>(key_hidden);
+  a.bf16 = bf16;
+  a.batch = batch;
+  a.heads = heads;
+  a.length = length;
+  a.head_dim = head_dim;
+  a.rule = rule;
+  a.scale = static_cast<float>(scale);
+  a.out = as_ptr<void>(out);
+  a.lse = as_ptr<float>(lse);
+  const char* e = astromer_fast::cuda::masked_attention_forward(a, device, as_ptr<void>(stream));
+  if (e != nullptr) throw std::runtime_error(std::string("astromer_fast._C_cuda: ") + e);
+}
+
+void masked_attention_backward(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
+                               std::uintptr_t key_hidden, std::uintptr_t out, std::uintptr_t lse,
+                               std::uintptr_t dout, bool bf16, std::int64_t batch,
+                               std::int64_t heads, std::int64_t length, std::int64_t head_dim,
+                               int rule, double scale, std::uintptr_t dq, std::uintptr_t dk,
+                               std::uintptr_t dv, std::uintptr_t delta, int device,
+                               std::uintptr_t stream) {
+  astromer_fast::cuda::MaskedAttentionBackwardArgs g;
+  g.fwd.q = as_ptr<const void>(q);
+  g.fwd.k = as_ptr<const void>(k);
+  g.fwd.v = as_ptr<const void>(v);
+  g.fwd.key_hidden = as_ptr<const std::uint8_t>(key_hidden);
+  g.fwd.out = as_ptr<void>(out);
+  g.fwd.lse = as_ptr<float>(lse);
+  g.fwd.bf16 = bf16;
+  g.fwd.batch = batch;
+  g.fwd.heads = heads;
+  g.fwd.length = length;
+  g.fwd.head_dim = head_dim;
+  g.fwd.rule = rule;
+  g.fwd.scale = static_cast<float>(scale);
+  g.dout = as_ptr<const void>(dout);
+  g.dq = as_ptr<void>(dq);
+  g.dk = as_ptr<void>(dk);
+  g.dv = as_ptr<void>(dv);
+  g.delta = as_ptr<float>(delta);
+  const char* e = astromer_fast::cuda::masked_attention_backward(g, device, as_ptr<void>(stream));
+  if (e != nullptr) throw std::runtime_error(std::string("astromer_fast._C_cuda: ") + e);
+}
+
 py::dict build_info() {
   namespace k = astromer_fast::cuda;
   py::dict d;
@@ -95,6 +149,22 @@ PYBIND11_MODULE(_C_cuda, mod) {
           py::arg("probed"), py::arg("valid"), py::arg("rows"), py::arg("length"),
           py::arg("workspace"), py::arg("loss"), py::arg("scale"), py::arg("dir"),
           py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  mod.def("masked_attention_forward", &masked_attention_forward,
+          "Enqueue masked attention (SPEC.md section 3) on (B, H, L, 64) float32/bfloat16 device "
+          "buffers on `stream`: out and float32 lse. rule 0 = key, 1 = query_or_key_plus1. "
+          "Not yet run on a GPU.",
+          py::arg("q"), py::arg("k"), py::arg("v"), py::arg("key_hidden"), py::arg("bf16"),
+          py::arg("batch"), py::arg("heads"), py::arg("length"), py::arg("head_dim"),
+          py::arg("rule"), py::arg("scale"), py::arg("out"), py::arg("lse"), py::arg("device"),
+          py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  mod.def("masked_attention_backward", &masked_attention_backward,
+          "Enqueue dq, dk, dv of masked attention (recomputing P from lse); delta is a float32 "
+          "(B, H, L) workspace. Not yet run on a GPU.",
+          py::arg("q"), py::arg("k"), py::arg("v"), py::arg("key_hidden"), py::arg("out"),
+          py::arg("lse"), py::arg("dout"), py::arg("bf16"), py::arg("batch"), py::arg("heads"),
+          py::arg("length"), py::arg("head_dim"), py::arg("rule"), py::arg("scale"), py::arg("dq"),
+          py::arg("dk"), py::arg("dv"), py::arg("delta"), py::arg("device"), py::arg("stream"),
+          py::call_guard<py::gil_scoped_release>());
   mod.def("device_count", &astromer_fast::cuda::cuda_device_count,
           "Number of CUDA devices visible to this module's runtime (0 without a driver).");
   mod.def("build_info", &build_info, "Compiler, CUDA versions and target architectures.");

@@ -1,0 +1,419 @@
+#include "cpu/masked_attention.h"
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cpu/parallel.h"
+
+// Vector-extension helpers are always inlined, so the ABI note about passing 64-byte vectors is moot.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace astromer_fast {
+namespace cpu {
+namespace {
+
+// The task functions are cloned for x86-64-v4 (AVX-512) and x86-64-v3 (AVX2+FMA) machines and picked
+// at load time (ifunc; "arch=haswell"-style clones would be chosen only on that exact Intel core, never
+// on e.g. AMD EPYC);
+// the baseline x86-64 build is SSE2. The inner loops use GCC vector extensions of 16 floats, which
+// each clone lowers to one zmm, two ymm or four xmm registers, so the register blocking below is
+// explicit rather than left to the auto-vectoriser (which would need -ffast-math for reductions).
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__ELF__) && !defined(ASTROMER_FAST_NO_CLONES)
+#define AF_ATTN_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define AF_ATTN_CLONES
+#endif
+#define AF_INLINE inline __attribute__((always_inline))
+
+typedef float vf __attribute__((vector_size(64)));
+typedef std::int32_t vi __attribute__((vector_size(64)));
+constexpr std::int64_t W = 16;  // floats per vf
+constexpr std::int64_t RB = 4;  // rows per register block
+constexpr std::int64_t QB = 64;  // query rows per forward task
+
+AF_INLINE vf loadv(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+AF_INLINE void storev(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+AF_INLINE vf splat(float x) { return vf{} + x; }
+
+// exp(x) for x <= ~88, with x < -87 flushed to 0 (true values < 1.7e-38): Cephes expf
+// (Cody-Waite reduction by ln 2, degree-5 minimax), ~1 ulp, branch-free.
+AF_INLINE vf vexp(vf x) {
+  const vf lo = splat(-87.0f);
+  const vi under = x < lo;
+  x = under ? lo : x;
+  const vf shifter = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const vf t = x * 1.44269504088896341f + shifter;
+  const vf n = t - shifter;
+  vf r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const vi ni = (vi)t - (vi)shifter;
+  const vi e = (ni + 127) << 23;
+  const vf y = p * (vf)e;
+  return under ? splat(0.0f) : y;
+}
+
+AF_INLINE float hsum(vf v) {
+  float s = 0.0f;
+  for (int i = 0; i < W; ++i) s += v[i];
+  return s;
+}
+AF_INLINE float hmax(vf v) {
+  float m = v[0];
+  for (int i = 1; i < W; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+
+// C[r, j] = sum_x A[r, x] * Bt[x, j] for 4 rows r and ncols (a multiple of 16) columns j.
+AF_INLINE void abt_rows4(const float* __restrict__ A, std::int64_t lda, const float* __restrict__ Bt,
+                         std::int64_t ldb, std::int64_t K, std::int64_t ncols, float* __restrict__ C,
+                         std::int64_t ldc) {
+  std::int64_t j = 0;
+  for (; j + 2 * W <= ncols; j += 2 * W) {
+    vf c00 = {}, c01 = {}, c10 = {}, c11 = {}, c20 = {}, c21 = {}, c30 = {}, c31 = {};
+    for (std::int64_t x = 0; x < K; ++x) {
+      const vf b0 = loadv(Bt + x * ldb + j);
+      const vf b1 = loadv(Bt + x * ldb + j + W);
+      const float a0 = A[x], a1 = A[lda + x], a2 = A[2 * lda + x], a3 = A[3 * lda + x];
+      c00 += a0 * b0; c01 += a0 * b1;
+      c10 += a1 * b0; c11 += a1 * b1;
+      c20 += a2 * b0; c21 += a2 * b1;
+      c30 += a3 * b0; c31 += a3 * b1;
+    }
+    storev(C + j, c00); storev(C + j + W, c01);
+    storev(C + ldc + j, c10); storev(C + ldc + j + W, c11);
+    storev(C + 2 * ldc + j, c20); storev(C + 2 * ldc + j + W, c21);
+    storev(C + 3 * ldc + j, c30); storev(C + 3 * ldc + j + W, c31);
+  }
+  for (; j < ncols; j += W) {
+    vf c0 = {}, c1 = {}, c2 = {}, c3 = {};
+    for (std::int64_t x = 0; x < K; ++x) {
+      const vf b0 = loadv(Bt + x * ldb + j);
+      c0 += A[x] * b0; c1 += A[lda + x] * b0; c2 += A[2 * lda + x] * b0; c3 += A[3 * lda + x] * b0;
+    }
+    storev(C + j, c0); storev(C + ldc + j, c1); storev(C + 2 * ldc + j, c2); storev(C + 3 * ldc + j, c3);
+  }
+}
+
+// C[r, c] = rs[r] * sum_{x < n} A[r, x] * B[x, c] for 4 rows r and the 16*NV columns c at C, B.
+template <int NV>
+AF_INLINE void ab_rows4(const float* __restrict__ A, std::int64_t lda, const float* __restrict__ B,
+                        std::int64_t ldb, std::int64_t n, float* __restrict__ C, std::int64_t ldc,
+                        const float* rs) {
+  vf acc[RB][NV];
+#pragma GCC unroll 4
+  for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) acc[r][c] = vf{};
+  for (std::int64_t x = 0; x < n; ++x) {
+    vf b[NV];
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) b[c] = loadv(B + x * ldb + c * W);
+#pragma GCC unroll 4
+    for (int r = 0; r < RB; ++r) {
+      const float a = A[r * lda + x];
+#pragma GCC unroll 4
+      for (int c = 0; c < NV; ++c) acc[r][c] += a * b[c];
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < RB; ++r) {
+    const float s = rs ? rs[r] : 1.0f;
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) storev(C + r * ldc + c * W, acc[r][c] * s);
+  }
+}
+
+// ab_rows4 over all hd columns, in chunks of up to 64.
+AF_INLINE void ab_rows4_all(const float* A, std::int64_t lda, const float* B, std::int64_t hd,
+                            std::int64_t n, float* C, const float* rs) {
+  for (std::int64_t d0 = 0; d0 < hd; d0 += 4 * W) {
+    switch ((hd - d0) >= 4 * W ? 4 : (hd - d0) / W) {
+      case 4: ab_rows4<4>(A, lda, B + d0, hd, n, C + d0, hd, rs); break;
+      case 3: ab_rows4<3>(A, lda, B + d0, hd, n, C + d0, hd, rs); break;
+      case 2: ab_rows4<2>(A, lda, B + d0, hd, n, C + d0, hd, rs); break;
+      default: ab_rows4<1>(A, lda, B + d0, hd, n, C + d0, hd, rs); break;
+    }
+  }
+}
+
+std::int64_t round_up(std::int64_t x, std::int64_t m) { return (x + m - 1) / m * m; }
+
+// Per-key additive terms so that s' = (s + b1[j]) + b2[j] reproduces the reference in float32
+// (see the header); columns L .. Lp-1 get -inf, i.e. probability 0. For rule
+// query_or_key_plus1, b1q is the row used by hidden queries (+1 on every real key).
+void key_terms(const std::uint8_t* hid, std::int64_t L, std::int64_t Lp, int rule, float* b1,
+               float* b2, float* b1q) {
+  bool all_hidden = true;
+  for (std::int64_t j = 0; j < L; ++j) all_hidden = all_hidden && hid[j] != 0;
+  const float ninf = -std::numeric_limits<float>::infinity();
+  for (std::int64_t j = 0; j < Lp; ++j) {
+    const bool h = j < L && hid[j] != 0;
+    if (j >= L) {
+      b1[j] = ninf;
+      b2[j] = 0.0f;
+      b1q[j] = ninf;
+    } else if (rule == kRuleKey) {
+      b1[j] = h ? -1e9f : 0.0f;
+      b2[j] = (h && all_hidden) ? 1e9f : 0.0f;
+      b1q[j] = b1[j];
+    } else {
+      b1[j] = h ? 1.0f : 0.0f;
+      b2[j] = 0.0f;
+      b1q[j] = 1.0f;
+    }
+  }
+}
+
+struct Scratch {
+  std::vector<float> kt, vt, qb, dob, sb, ds, tb, ob, b1, b2, b1q, rowv;
+};
+
+void ensure(std::vector<float>& v, std::int64_t n) {
+  if (static_cast<std::int64_t>(v.size()) < n) v.assign(static_cast<std::size_t>(n), 0.0f);
+}
+
+// x[r*ld + j] = scaled logits with the mask terms; returns the row maximum.
+AF_INLINE float biased_row(float* __restrict__ s, const float* __restrict__ b1,
+                           const float* __restrict__ b2, std::int64_t Lp, float scale) {
+  vf m = splat(-std::numeric_limits<float>::infinity());
+  for (std::int64_t j = 0; j < Lp; j += W) {
+    const vf x = (loadv(s + j) * scale + loadv(b1 + j)) + loadv(b2 + j);
+    storev(s + j, x);
+    m = x > m ? x : m;
+  }
+  return hmax(m);
+}
+
+// out/lse for queries [q0, q1) of one (b, h).
+AF_ATTN_CLONES
+void forward_task(const MaskedAttentionArgs& a, std::int64_t bh, std::int64_t q0, std::int64_t q1,
+                  Scratch& sc) {
+  const std::int64_t L = a.length, hd = a.head_dim, Lp = round_up(L, W);
+  const std::int64_t b = bh / a.heads;
+  const float* q = a.q + bh * L * hd;
+  const float* k = a.k + bh * L * hd;
+  const float* v = a.v + bh * L * hd;
+  const std::uint8_t* hid = a.key_hidden + b * L;
+  float* kt = sc.kt.data();
+  float* qb = sc.qb.data();
+  float* sb = sc.sb.data();
+  float* ob = sc.ob.data();
+  float* b1 = sc.b1.data();
+  float* b2 = sc.b2.data();
+  float* b1q = sc.b1q.data();
+  float* rinv = sc.rowv.data();
+
+  key_terms(hid, L, Lp, a.rule, b1, b2, b1q);
+  for (std::int64_t d = 0; d < hd; ++d) {
+    float* row = kt + d * Lp;
+    for (std::int64_t j = 0; j < L; ++j) row[j] = k[j * hd + d];
+    for (std::int64_t j = L; j < Lp; ++j) row[j] = 0.0f;
+  }
+  const std::int64_t nr = q1 - q0, nrp = round_up(nr, RB);
+  std::memcpy(qb, q + q0 * hd, static_cast<std::size_t>(nr * hd) * sizeof(float));
+  std::memset(qb + nr * hd, 0, static_cast<std::size_t>((nrp - nr) * hd) * sizeof(float));
+
+  for (std::int64_t r0 = 0; r0 < nrp; r0 += RB)
+    abt_rows4(qb + r0 * hd, hd, kt, Lp, hd, Lp, sb + r0 * Lp, Lp);
+
+  for (std::int64_t r = 0; r < nrp; ++r) {
+    float* s = sb + r * Lp;
+    if (r >= nr) {
+      std::memset(s, 0, static_cast<std::size_t>(Lp) * sizeof(float));
+      rinv[r] = 0.0f;
+      continue;
+    }
+    const std::int64_t i = q0 + r;
+    const bool qh = a.rule == kRuleQueryOrKeyPlus1 && hid[i] != 0;
+    const float mx = biased_row(s, qh ? b1q : b1, b2, Lp, a.scale);
+    vf acc = {};
+    for (std::int64_t j = 0; j < Lp; j += W) {
+      const vf p = vexp(loadv(s + j) - mx);
+      storev(s + j, p);
+      acc += p;
+    }
+    const float l = hsum(acc);  // >= 1: the maximum contributes exp(0)
+    a.lse[bh * L + i] = mx + std::log(l);
+    rinv[r] = 1.0f / l;
+  }
+
+  for (std::int64_t r0 = 0; r0 < nrp; r0 += RB)
+    ab_rows4_all(sb + r0 * Lp, Lp, v, hd, L, ob + r0 * hd, rinv + r0);
+  std::memcpy(a.out + (bh * L + q0) * hd, ob, static_cast<std::size_t>(nr * hd) * sizeof(float));
+}
+
+void transpose(const float* __restrict__ src, float* __restrict__ dst, std::int64_t n) {
+  // n x n, n a multiple of 16; 16x16 tiles keep both sides in cache lines.
+  for (std::int64_t i0 = 0; i0 < n; i0 += W)
+    for (std::int64_t j0 = 0; j0 < n; j0 += W)
+      for (std::int64_t i = i0; i < i0 + W; ++i)
+        for (std::int64_t j = j0; j < j0 + W; ++j) dst[j * n + i] = src[i * n + j];
+}
+
+// dq, dk, dv of one (b, h).
+AF_ATTN_CLONES
+void backward_task(const MaskedAttentionBackwardArgs& g, std::int64_t bh, Scratch& sc) {
+  const MaskedAttentionArgs& a = g.fwd;
+  const std::int64_t L = a.length, hd = a.head_dim, Lp = round_up(L, W);
+  const std::int64_t b = bh / a.heads;
+  const std::int64_t off = bh * L * hd;
+  const float* q = a.q + off;
+  const float* k = a.k + off;
+  const float* v = a.v + off;
+  const float* o = a.out + off;
+  const float* dout = g.dout + off;
+  const float* lse = a.lse + bh * L;
+  const std::uint8_t* hid = a.key_hidden + b * L;
+  float* kt = sc.kt.data();
+  float* vt = sc.vt.data();
+  float* qb = sc.qb.data();
+  float* dob = sc.dob.data();
+  float* P = sc.sb.data();
+  float* dS = sc.ds.data();
+  float* T = sc.tb.data();
+  float* ob = sc.ob.data();
+  float* b1 = sc.b1.data();
+  float* b2 = sc.b2.data();
+  float* b1q = sc.b1q.data();
+  float* Dv = sc.rowv.data();
+
+  key_terms(hid, L, Lp, a.rule, b1, b2, b1q);
+  for (std::int64_t d = 0; d < hd; ++d) {
+    for (std::int64_t j = 0; j < L; ++j) {
+      kt[d * Lp + j] = k[j * hd + d];
+      vt[d * Lp + j] = v[j * hd + d];
+    }
+    for (std::int64_t j = L; j < Lp; ++j) kt[d * Lp + j] = vt[d * Lp + j] = 0.0f;
+  }
+  const std::size_t rows_bytes = static_cast<std::size_t>(L * hd) * sizeof(float);
+  const std::size_t pad_bytes = static_cast<std::size_t>((Lp - L) * hd) * sizeof(float);
+  std::memcpy(qb, q, rows_bytes);
+  std::memset(qb + L * hd, 0, pad_bytes);
+  std::memcpy(dob, dout, rows_bytes);
+  std::memset(dob + L * hd, 0, pad_bytes);
+  for (std::int64_t i = 0; i < Lp; ++i) {
+    float d = 0.0f;
+    if (i < L)
+      for (std::int64_t c = 0; c < hd; ++c) d += dout[i * hd + c] * o[i * hd + c];
+    Dv[i] = d;
+  }
+
+  // P = exp(s' - lse) and dP = dO V^T, then dS = scale * P * (dP - D).
+  for (std::int64_t r0 = 0; r0 < Lp; r0 += RB) {
+    abt_rows4(qb + r0 * hd, hd, kt, Lp, hd, Lp, P + r0 * Lp, Lp);
+    abt_rows4(dob + r0 * hd, hd, vt, Lp, hd, Lp, dS + r0 * Lp, Lp);
+  }
+  for (std::int64_t i = 0; i < Lp; ++i) {
+    float* p = P + i * Lp;
+    float* ds = dS + i * Lp;
+    if (i >= L) {
+      std::memset(p, 0, static_cast<std::size_t>(Lp) * sizeof(float));
+      std::memset(ds, 0, static_cast<std::size_t>(Lp) * sizeof(float));
+      continue;
+    }
+    const bool qh = a.rule == kRuleQueryOrKeyPlus1 && hid[i] != 0;
+    const float* bb1 = qh ? b1q : b1;
+    const float li = lse[i], di = Dv[i];
+    for (std::int64_t j = 0; j < Lp; j += W) {
+      const vf x = (loadv(p + j) * a.scale + loadv(bb1 + j)) + loadv(b2 + j);
+      const vf pj = vexp(x - li);
+      storev(p + j, pj);
+      storev(ds + j, pj * (loadv(ds + j) - di) * a.scale);
+    }
+  }
+
+  // dq = dS K
+  for (std::int64_t r0 = 0; r0 < Lp; r0 += RB) ab_rows4_all(dS + r0 * Lp, Lp, k, hd, L, ob + r0 * hd, nullptr);
+  std::memcpy(g.dq + off, ob, rows_bytes);
+  // dv = P^T dO
+  transpose(P, T, Lp);
+  for (std::int64_t r0 = 0; r0 < Lp; r0 += RB) ab_rows4_all(T + r0 * Lp, Lp, dob, hd, L, ob + r0 * hd, nullptr);
+  std::memcpy(g.dv + off, ob, rows_bytes);
+  // dk = dS^T Q
+  transpose(dS, T, Lp);
+  for (std::int64_t r0 = 0; r0 < Lp; r0 += RB) ab_rows4_all(T + r0 * Lp, Lp, qb, hd, L, ob + r0 * hd, nullptr);
+  std::memcpy(g.dk + off, ob, rows_bytes);
+}
+
+void validate(const MaskedAttentionArgs& a, const char* what) {
+  const std::string w = what;
+  if (a.batch < 0 || a.heads < 0 || a.length < 0)
+    throw std::invalid_argument(w + ": batch, heads and length must be >= 0");
+  if (a.head_dim <= 0 || a.head_dim % W != 0)
+    throw std::invalid_argument(w + ": head_dim must be a positive multiple of 16, got " +
+                                std::to_string(a.head_dim));
+  if (a.rule != kRuleKey && a.rule != kRuleQueryOrKeyPlus1)
+    throw std::invalid_argument(w + ": unknown mask rule " + std::to_string(a.rule));
+  if (!(std::isfinite(a.scale))) throw std::invalid_argument(w + ": scale must be finite");
+  if (a.batch * a.heads * a.length > 0 &&
+      (!a.q || !a.k || !a.v || !a.key_hidden || !a.out || !a.lse))
+    throw std::invalid_argument(w + ": null data pointer");
+}
+
+}  // namespace
+
+void masked_attention_forward(const MaskedAttentionArgs& a, int num_threads) {
+  validate(a, "masked_attention_forward");
+  const std::int64_t BH = a.batch * a.heads, L = a.length;
+  if (BH == 0 || L == 0) return;
+  const std::int64_t nqb = (L + QB - 1) / QB, Lp = round_up(L, W), hd = a.head_dim;
+  parallel_for(BH * nqb, 1, num_threads, [&](std::int64_t t0, std::int64_t t1) {
+    Scratch sc;
+    ensure(sc.kt, hd * Lp);
+    ensure(sc.qb, QB * hd);
+    ensure(sc.sb, QB * Lp);
+    ensure(sc.ob, QB * hd);
+    ensure(sc.b1, Lp);
+    ensure(sc.b2, Lp);
+    ensure(sc.b1q, Lp);
+    ensure(sc.rowv, QB);
+    for (std::int64_t t = t0; t < t1; ++t) {
+      const std::int64_t bh = t / nqb, qb = t % nqb;
+      forward_task(a, bh, qb * QB, std::min(L, (qb + 1) * QB), sc);
+    }
+  });
+}
+
+void masked_attention_backward(const MaskedAttentionBackwardArgs& g, int num_threads) {
+  validate(g.fwd, "masked_attention_backward");
+  const MaskedAttentionArgs& a = g.fwd;
+  const std::int64_t BH = a.batch * a.heads, L = a.length;
+  if (BH == 0 || L == 0) return;
+  if (!g.dout || !g.dq || !g.dk || !g.dv)
+    throw std::invalid_argument("masked_attention_backward: null gradient pointer");
+  const std::int64_t Lp = round_up(L, W), hd = a.head_dim;
+  parallel_for(BH, 1, num_threads, [&](std::int64_t t0, std::int64_t t1) {
+    Scratch sc;
+    ensure(sc.kt, hd * Lp);
+    ensure(sc.vt, hd * Lp);
+    ensure(sc.qb, Lp * hd);
+    ensure(sc.dob, Lp * hd);
+    ensure(sc.ob, Lp * hd);
+    ensure(sc.sb, Lp * Lp);
+    ensure(sc.ds, Lp * Lp);
+    ensure(sc.tb, Lp * Lp);
+    ensure(sc.b1, Lp);
+    ensure(sc.b2, Lp);
+    ensure(sc.b1q, Lp);
+    ensure(sc.rowv, Lp);
+    for (std::int64_t t = t0; t < t1; ++t) backward_task(g, t, sc);
+  });
+}
+
+}  // namespace cpu
+}  // namespace astromer_fast
