@@ -11,6 +11,7 @@ from astromer_fast.kernels.backends import (
     resolve_backend,
 )
 from astromer_fast.kernels.input_embedding import input_embedding, input_embedding_reference
+from astromer_fast.kernels.masked_attention import masked_attention, masked_attention_reference
 from astromer_fast.kernels.weighted_rmse import weighted_rmse, weighted_rmse_reference
 
 __all__ = [
@@ -19,6 +20,8 @@ __all__ = [
     "available_backends",
     "input_embedding",
     "input_embedding_reference",
+    "masked_attention",
+    "masked_attention_reference",
     "resolve_backend",
     "weighted_rmse",
     "weighted_rmse_reference",

@@ -1,0 +1,378 @@
+"""Masked multi-head attention of Astromer (SPEC.md section 3), forward and backward.
+
+    out = softmax(q k^T / sqrt(hd) + bias) v,  q, k, v: (B, H, L, hd),  key_hidden: (B, L) bool
+
+Two mask rules, exactly as the released code adds them to the logits:
+
+* ``"key"`` (Astromer 2): -1e9 on every hidden key, for every query. Added in float32 like the
+  reference does, so a row whose keys are *all* hidden has all logits equal to fl(s - 1e9) = -1e9 and
+  attends uniformly to all L keys: defined, never NaN. The kernels keep such logits shifted back by
+  +1e9 (fl(fl(s - 1e9) + 1e9), exact), which changes no probability but keeps the log-sum-exp small
+  enough for the backward to recompute P = exp(s' - lse) from it.
+* ``"query_or_key_plus1"`` (Astromer 1): +1 on every (query, key) pair where either side is hidden.
+
+The forward of the kernel backends returns the output and the per-row log-sum-exp (float32; float64
+for float64 inputs of the ``torch`` implementation); the backward recomputes P from q, k and lse
+(flash style) with D_i = rowsum(dO * O). Both are ``torch.library.custom_op``s
+(``astromer_fast::masked_attention_fwd`` / ``_bwd``) with fake implementations, so torch.compile
+traces them without graph breaks.
+
+Public entry points: :func:`masked_attention` (dispatches to the fastest backend) and
+:func:`masked_attention_reference` (the model's plain-PyTorch math; the ``torch`` backend of
+:func:`masked_attention`, natively differentiable, and what attention weights for plots come from).
+"""
+
+# No ``from __future__ import annotations``: torch.library infers the op schema from the annotations.
+import math
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from astromer_fast.kernels import _ext
+from astromer_fast.kernels.backends import BACKENDS, requested_backend, resolve_backend
+
+__all__ = [
+    "AttentionMask",
+    "MASK_RULES",
+    "OP_BWD",
+    "OP_FWD",
+    "attention_bias_reference",
+    "masked_attention",
+    "masked_attention_reference",
+]
+
+OP_FWD = "astromer_fast::masked_attention_fwd"
+OP_BWD = "astromer_fast::masked_attention_bwd"
+MASK_RULES = ("key", "query_or_key_plus1")
+_RULE_ID = {"key": 0, "query_or_key_plus1": 1}
+_NEG = -1e9
+
+
+class AttentionMask(NamedTuple):
+    """What the model passes to its attention layers instead of a materialised bias tensor."""
+
+    hidden: Tensor  # (B, L) bool
+    rule: str  # one of MASK_RULES
+    backend: Optional[str] = None  # as for masked_attention(backend=...)
+
+
+# ------------------------------------------------------------------------------------------------
+# Reference (the model's math) and the flash-consistent PyTorch implementation
+# ------------------------------------------------------------------------------------------------
+def attention_bias_reference(key_hidden: Tensor, rule: str, dtype: torch.dtype) -> Tensor:
+    """Additive logit bias broadcastable to (B, H, L, L); same as ``model.astromer.attention_bias``."""
+    h = key_hidden.to(dtype)
+    if rule == "key":
+        return (h * _NEG)[:, None, None, :]
+    return torch.maximum(h[:, :, None], h[:, None, :])[:, None]
+
+
+def masked_attention_reference(
+    q: Tensor, k: Tensor, v: Tensor, key_hidden: Tensor, rule: str = "key"
+) -> Tuple[Tensor, Tensor]:
+    """The model's plain-PyTorch attention: (out, weights), weights (B, H, L, L) in q's dtype.
+
+    logits = q k^T / sqrt(hd) + bias (bias in float32 or wider), softmax in float32 (or wider).
+    """
+    bias = attention_bias_reference(key_hidden, rule, torch.promote_types(q.dtype, torch.float32))
+    logits = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1]) + bias
+    weights = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    weights = weights.to(q.dtype)
+    return weights @ v, weights
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _flash_logits(q: Tensor, k: Tensor, key_hidden: Tensor, rule: str, scale: float) -> Tensor:
+    """s' of the header, in the accumulation dtype; hidden-key terms rounded in float32 as the
+    reference (and every kernel) rounds them, also for float64 inputs."""
+    acc = _acc_dtype(q.dtype)
+    s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
+    kh = key_hidden[:, None, None, :]
+    if rule == "key":
+        hid = s.to(torch.float32) + _NEG
+        all_h = key_hidden.all(-1)[:, None, None, None]
+        hid = torch.where(all_h, hid + (-_NEG), hid)
+        return torch.where(kh, hid.to(acc), s)
+    qh = key_hidden[:, None, :, None]
+    return s + (qh | kh).to(acc)
+
+
+def _torch_fwd(q, k, v, key_hidden, rule) -> Tuple[Tensor, Tensor]:
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    s = _flash_logits(q, k, key_hidden, rule, scale)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse[..., None])
+    out = (p @ v.to(s.dtype)).to(q.dtype)
+    return out, lse
+
+
+def _torch_bwd(dout, q, k, v, out, lse, key_hidden, rule) -> Tuple[Tensor, Tensor, Tensor]:
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    acc = _acc_dtype(q.dtype)
+    s = _flash_logits(q, k, key_hidden, rule, scale)
+    p = torch.exp(s - lse.to(acc)[..., None])
+    do = dout.to(acc)
+    delta = (do * out.to(acc)).sum(-1, keepdim=True)
+    dv = p.transpose(-1, -2) @ do
+    ds = p * (do @ v.to(acc).transpose(-1, -2) - delta) * scale
+    dq = ds @ k.to(acc)
+    dk = ds.transpose(-1, -2) @ q.to(acc)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernel runners
+# ------------------------------------------------------------------------------------------------
+def _shape(q: Tensor):
+    B, H, L, hd = q.shape
+    return B, H, L, hd
+
+
+def _cpu_ext():
+    ext = _ext.cpu_ext()
+    if ext is None:
+        raise RuntimeError(f"astromer_fast._C is not available: {_ext.cpu_ext_error()}")
+    return ext
+
+
+def _cuda_ext():
+    ext = _ext.cuda_ext()
+    if ext is None:
+        raise RuntimeError(f"astromer_fast._C_cuda is not available: {_ext.cuda_ext_error()}")
+    return ext
+
+
+def _cuda_dev_stream(x: Tensor):
+    dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    return dev, torch.cuda.current_stream(x.device).cuda_stream
+
+
+def _fwd_cpu(q, k, v, kh, rule, out, lse):
+    B, H, L, hd = _shape(q)
+    _cpu_ext().masked_attention_forward(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), kh.data_ptr(), B, H, L, hd, _RULE_ID[rule],
+        1.0 / math.sqrt(hd), out.data_ptr(), lse.data_ptr(), max(1, torch.get_num_threads()))
+
+
+def _bwd_cpu(do, q, k, v, out, lse, kh, rule, dq, dk, dv):
+    B, H, L, hd = _shape(q)
+    _cpu_ext().masked_attention_backward(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), kh.data_ptr(), out.data_ptr(), lse.data_ptr(),
+        do.data_ptr(), B, H, L, hd, _RULE_ID[rule], 1.0 / math.sqrt(hd), dq.data_ptr(),
+        dk.data_ptr(), dv.data_ptr(), max(1, torch.get_num_threads()))
+
+
+def _fwd_cuda(q, k, v, kh, rule, out, lse):
+    B, H, L, hd = _shape(q)
+    dev, stream = _cuda_dev_stream(q)
+    _cuda_ext().masked_attention_forward(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), kh.data_ptr(), q.dtype == torch.bfloat16,
+        B, H, L, hd, _RULE_ID[rule], 1.0 / math.sqrt(hd), out.data_ptr(), lse.data_ptr(),
+        dev, stream)
+
+
+def _bwd_cuda(do, q, k, v, out, lse, kh, rule, dq, dk, dv):
+    B, H, L, hd = _shape(q)
+    dev, stream = _cuda_dev_stream(q)
+    delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    _cuda_ext().masked_attention_backward(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), kh.data_ptr(), out.data_ptr(), lse.data_ptr(),
+        do.data_ptr(), q.dtype == torch.bfloat16, B, H, L, hd, _RULE_ID[rule],
+        1.0 / math.sqrt(hd), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), delta.data_ptr(),
+        dev, stream)
+
+
+def _fwd_triton(q, k, v, kh, rule, out, lse):
+    from astromer_fast.kernels import _triton_masked_attention as tma
+
+    tma.forward(q, k, v, kh, _RULE_ID[rule], 1.0 / math.sqrt(q.shape[-1]), out, lse)
+
+
+def _bwd_triton(do, q, k, v, out, lse, kh, rule, dq, dk, dv):
+    from astromer_fast.kernels import _triton_masked_attention as tma
+
+    tma.backward(do, q, k, v, out, lse, kh, _RULE_ID[rule], 1.0 / math.sqrt(q.shape[-1]), dq, dk, dv)
+
+
+_FWD = {"cpu": _fwd_cpu, "cuda": _fwd_cuda, "triton": _fwd_triton}
+_BWD = {"cpu": _bwd_cpu, "cuda": _bwd_cuda, "triton": _bwd_triton}
+_KERNEL_DTYPES = {
+    "cpu": (torch.float32,),
+    "cuda": (torch.float32, torch.bfloat16),
+    "triton": (torch.float32, torch.bfloat16),
+}
+
+
+def _check_op_args(q, k, v, key_hidden, rule, backend, what) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"{what}: unknown backend {backend!r}; choose one of {BACKENDS}")
+    if rule not in MASK_RULES:
+        raise ValueError(f"{what}: unknown rule {rule!r}; choose one of {MASK_RULES}")
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"{what}: q, k, v must all be (B, H, L, hd)")
+    if key_hidden.dtype != torch.bool or key_hidden.shape != (q.shape[0], q.shape[2]):
+        raise ValueError(f"{what}: key_hidden must be a bool (B, L) tensor")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{what}: q, k, v must share one dtype")
+    if backend != "torch":
+        if q.dtype not in _KERNEL_DTYPES[backend]:
+            raise TypeError(f"{what}: backend {backend!r} supports {_KERNEL_DTYPES[backend]}, got {q.dtype}")
+        if q.shape[-1] % 16 != 0 or q.shape[-1] > 256:
+            raise ValueError(f"{what}: backend {backend!r} needs hd a multiple of 16 and <= 256")
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ------------------------------------------------------------------------------------------------
+# Custom ops
+# ------------------------------------------------------------------------------------------------
+@torch.library.custom_op(OP_FWD, mutates_args=())
+def _masked_attention_fwd(
+    q: Tensor, k: Tensor, v: Tensor, key_hidden: Tensor, rule: str, backend: str
+) -> Tuple[Tensor, Tensor]:
+    _check_op_args(q, k, v, key_hidden, rule, backend, OP_FWD)
+    if backend == "torch":
+        return _torch_fwd(q, k, v, key_hidden, rule)
+    resolve_backend(q.device, backend)  # raises BackendUnavailableError with the reason
+    B, H, L, hd = q.shape
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    _FWD[backend](q.contiguous(), k.contiguous(), v.contiguous(),
+                  key_hidden.contiguous().view(torch.uint8), rule, out, lse)
+    return out, lse
+
+
+@_masked_attention_fwd.register_fake
+def _masked_attention_fwd_fake(q, k, v, key_hidden, rule, backend):
+    _check_op_args(q, k, v, key_hidden, rule, backend, OP_FWD)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), \
+        q.new_empty(q.shape[:-1], dtype=_lse_dtype(q.dtype))
+
+
+@torch.library.custom_op(OP_BWD, mutates_args=())
+def _masked_attention_bwd(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, key_hidden: Tensor,
+    rule: str, backend: str,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    _check_op_args(q, k, v, key_hidden, rule, backend, OP_BWD)
+    if backend == "torch":
+        return _torch_bwd(dout, q, k, v, out, lse, key_hidden, rule)
+    resolve_backend(q.device, backend)
+    c = lambda x: x.contiguous()  # noqa: E731
+    dq, dk, dv = (torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
+    if q.numel() == 0:
+        return dq, dk, dv
+    _BWD[backend](c(dout.to(q.dtype)), c(q), c(k), c(v), c(out.to(q.dtype)), c(lse.float()),
+                  c(key_hidden).view(torch.uint8), rule, dq, dk, dv)
+    return dq, dk, dv
+
+
+@_masked_attention_bwd.register_fake
+def _masked_attention_bwd_fake(dout, q, k, v, out, lse, key_hidden, rule, backend):
+    _check_op_args(q, k, v, key_hidden, rule, backend, OP_BWD)
+    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, key_hidden, rule, backend = inputs
+    out, lse = output
+    ctx.rule, ctx.backend = rule, backend
+    ctx.save_for_backward(q, k, v, key_hidden, out, lse)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out: Tensor, grad_lse: Optional[Tensor]):
+    q, k, v, key_hidden, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = _masked_attention_bwd(grad_out, q, k, v, out, lse, key_hidden, ctx.rule, ctx.backend)
+    return dq, dk, dv, None, None, None
+
+
+torch.library.register_autograd(OP_FWD, _backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------
+# Public entry point
+# ------------------------------------------------------------------------------------------------
+def _validate(q, k, v, key_hidden, rule) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise TypeError(f"masked_attention: {name} must be a floating-point tensor")
+        if x.dim() != 4:
+            raise ValueError(f"masked_attention: {name} must be (B, H, L, hd), got {tuple(x.shape)}")
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"masked_attention: q, k, v shapes differ: {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if not isinstance(key_hidden, Tensor) or key_hidden.dtype != torch.bool:
+        raise TypeError("masked_attention: key_hidden must be a torch.bool tensor")
+    if key_hidden.shape != (q.shape[0], q.shape[2]):
+        raise ValueError(f"masked_attention: key_hidden must be (B, L) = {(q.shape[0], q.shape[2])}, "
+                         f"got {tuple(key_hidden.shape)}")
+    for name, x in (("k", k), ("v", v), ("key_hidden", key_hidden)):
+        if x.device != q.device:
+            raise ValueError(f"masked_attention: {name} is on {x.device} but q is on {q.device}")
+    if rule not in MASK_RULES:
+        raise ValueError(f"masked_attention: rule must be one of {MASK_RULES}, got {rule!r}")
+
+
+def masked_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_hidden: Tensor,
+    rule: str = "key",
+    return_weights: bool = False,
+    backend: Optional[str] = None,
+):
+    """Astromer's masked attention, (B, H, L, hd) -> (B, H, L, hd); differentiable in q, k, v.
+
+    Args:
+        q, k, v: (B, H, L, hd) floating point, one dtype (mixed dtypes are promoted).
+        key_hidden: (B, L) bool, True where the observation is hidden (padding or masked).
+        rule: ``"key"`` (Astromer 2, -1e9 on hidden keys) or ``"query_or_key_plus1"`` (Astromer 1).
+        return_weights: also return the (B, H, L, L) attention weights (for plots). Computed with
+            the plain-PyTorch reference whatever the backend.
+        backend: "cuda", "triton", "cpu", "torch", or None/"auto": ``$ASTROMER_FAST_BACKEND`` if
+            set, else the fastest for the device. On CUDA the default is ``triton`` while the CUDA
+            kernel has not been run on a GPU (force ``backend="cuda"`` to use it).
+
+    Kernel dtypes: the C++ kernel computes in float32 (other dtypes are cast in and the result cast
+    back); CUDA and Triton take float32 and bfloat16 natively with float32 accumulation (float16 and
+    float64 are cast to float32). float64 inputs default to the ``torch`` backend.
+    """
+    _validate(q, k, v, key_hidden, rule)
+    if not (q.dtype == k.dtype == v.dtype):
+        dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    if return_weights:
+        return masked_attention_reference(q, k, v, key_hidden, rule)
+    name = requested_backend(backend)
+    if name is None and q.dtype == torch.float64:
+        name = "torch"
+    if name is None and q.device.type == "cuda":
+        # The CUDA kernel compiles here but has not yet run on a GPU: prefer Triton until it has.
+        name = "triton" if _ext_ok_triton(q.device) else None
+    name = resolve_backend(q.device, name)
+    if name == "torch":
+        return masked_attention_reference(q, k, v, key_hidden, rule)[0]
+    if q.shape[-1] % 16 != 0 or q.shape[-1] > 256:
+        raise ValueError(f"masked_attention: backend {name!r} needs hd a multiple of 16 and "
+                         f"<= 256, got {q.shape[-1]}")
+    dt = q.dtype if q.dtype in _KERNEL_DTYPES[name] else torch.float32
+    out, _ = _masked_attention_fwd(q.to(dt), k.to(dt), v.to(dt), key_hidden, rule, name)
+    return out.to(q.dtype)
+
+
+def _ext_ok_triton(device) -> bool:
+    from astromer_fast.kernels.backends import unavailable_reason
+
+    return unavailable_reason("triton", device) is None
