@@ -131,9 +131,22 @@ class MultiHeadAttention(nn.Module):
         return x.view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
 
     def forward(self, x, bias, need_weights: bool = False, use_sdpa: bool = False):
+        """``bias``: an ``AttentionMask`` (what ``Astromer.encode`` passes: the fused op, one
+        dispatch point for every backend) or an explicit additive logit bias tensor (plain math)."""
+        from astromer_fast.kernels.masked_attention import AttentionMask, masked_attention
+
         q, k, v = self.split(self.wq(x)), self.split(self.wk(x)), self.split(self.wv(x))
         weights = None
-        if use_sdpa and not need_weights:
+        if isinstance(bias, AttentionMask):
+            if use_sdpa and not need_weights:
+                mask = attention_bias(bias.hidden, bias.rule, q.dtype)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            elif need_weights:  # weights for plots come from the reference math
+                out, weights = masked_attention(q, k, v, bias.hidden, bias.rule,
+                                                return_weights=True, backend=bias.backend)
+            else:
+                out = masked_attention(q, k, v, bias.hidden, bias.rule, backend=bias.backend)
+        elif use_sdpa and not need_weights:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
         else:
             logits = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim) + bias
@@ -208,7 +221,11 @@ class Astromer(nn.Module):
                backend: str | None = None, use_sdpa: bool = False) -> EncoderOutput:
         t, m, hidden = _check_inputs(t, m, hidden)
         x = self.dropout(self.embedding(t, m, hidden, backend=backend))
-        bias = attention_bias(hidden, self.config.mask_rule, x.dtype)
+        from astromer_fast.kernels.masked_attention import AttentionMask
+
+        # The key mask, not a materialised (B, 1, L, L) bias: every block's attention goes through
+        # astromer_fast.kernels.masked_attention with this backend (torch: the reference math).
+        bias = AttentionMask(hidden, self.config.mask_rule, backend)
         layers, attn = [x], []
         for block in self.blocks:
             x, w = block(x, bias, need_weights=return_attention, use_sdpa=use_sdpa)
