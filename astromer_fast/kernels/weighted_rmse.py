@@ -172,8 +172,9 @@ def _weighted_rmse_op(
     _check_op_args(pred, target, err, probed, valid, backend)
     if backend == "torch":
         return _op_torch(pred, target, err, probed, valid, need_grad)
-    # Raises BackendUnavailableError with the reason (wrong device, extension not built, ...).
-    resolve_backend(pred.device, backend)
+    if not (backend == "cpu" and pred.device.type == "cpu" and _ext.cpu_ext() is not None):
+        # Raises BackendUnavailableError with the reason (wrong device, extension not built, ...).
+        resolve_backend(pred.device, backend)
     f32 = torch.float32
     loss = torch.empty((), dtype=f32, device=pred.device)
     scale = torch.empty((), dtype=f32, device=pred.device)
@@ -281,8 +282,17 @@ def weighted_rmse(
     if pred.dtype not in (f32, torch.bfloat16):
         pred = pred.to(f32)
     rows = math.prod(pred.shape[:-1])
-    flat = lambda x: None if x is None else x.reshape(rows, length).contiguous()  # noqa: E731
-    flat32 = lambda x: None if x is None else flat(x.to(f32))  # noqa: E731
+
+    def flat(x):  # (rows, L) contiguous; a no-op for the usual (B, L) contiguous inputs
+        if x is None:
+            return None
+        if x.dim() != 2:
+            x = x.reshape(rows, length)
+        return x.contiguous()
+
+    def flat32(x):
+        return flat(x if x is None or x.dtype == f32 else x.to(f32))
+
     need_grad = torch.is_grad_enabled() and pred.requires_grad
     loss, _, _ = _weighted_rmse_op(flat(pred), flat32(target), flat32(err), flat(probed),
                                    flat(valid), need_grad, name)

@@ -19,96 +19,93 @@ namespace {
 #define ASTROMER_FAST_CLONES
 #endif
 
-constexpr int kLanes = 8;  // independent accumulators: vectorisable, and a fixed summation order
-
-inline float bf16_to_float(std::uint16_t bits) {
-  const std::uint32_t u = static_cast<std::uint32_t>(bits) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
-template <bool kBf16>
-inline float load_pred(const void* p, std::int64_t i) {
-  if constexpr (kBf16) {
-    return bf16_to_float(static_cast<const std::uint16_t*>(p)[i]);
-  } else {
-    return static_cast<const float*>(p)[i];
-  }
-}
+constexpr int kLanes = 8;
+// Bit pattern of 1e-8f, the floor the errors are clamped to before 1/e (as the reference does).
+constexpr std::int32_t kMinErrBits = 0x322bcc77;  // independent accumulators: vectorisable, and a fixed summation order
 
 struct WindowResult {
   double mse;   // mse_b (valid only when has)
   bool has;     // c_b > 0
 };
 
-// One window: min/max of 1/e over valid observations and the probed count, then the weighted sum
-// and (optionally) the gradient direction. Fixed-order arithmetic only: no dependence on threads.
-template <bool kBf16>
+inline float bits_float(std::int32_t i) {
+  float f;
+  std::memcpy(&f, &i, sizeof(f));
+  return f;
+}
+
+// One window, in two passes over it, every loop branch-free so that GCC vectorises it (it inlines
+// no helper into a target clone, hence the repetition). Pass 1: the probed count and, with errors,
+// inv = 1/max(e, 1e-8) into `scratch` and its min/max over valid observations. inv is >= 0, and
+// non-negative floats order like their bit patterns as int32, so the min/max reductions run on
+// integers, which vectorise without -ffast-math. Pass 2: the weighted squared errors into
+// `scratch` (summed afterwards in 8 double lanes, a fixed order) and dir = w p (yhat - y) / c.
+template <bool kBf16, bool kErr, bool kDir>
 ASTROMER_FAST_CLONES
 WindowResult window(const void* __restrict__ pred, const float* __restrict__ y,
                     const float* __restrict__ e, const std::uint8_t* __restrict__ p,
                     const std::uint8_t* __restrict__ v, std::int64_t off, std::int64_t n,
-                    float* __restrict__ dir) {
-  // Pass 1: lo/hi of inv over valid observations, count of probed.
-  float lo8[kLanes], hi8[kLanes];
-  std::int64_t c8[kLanes];
-  for (int k = 0; k < kLanes; ++k) {
-    lo8[k] = FLT_MAX;
-    hi8[k] = -FLT_MAX;
-    c8[k] = 0;
+                    float* __restrict__ dir, float* __restrict__ scratch) {
+  std::int32_t count = 0;
+  for (std::int64_t l = 0; l < n; ++l) count += p[l];
+  if (count == 0) {
+    if (kDir)
+      for (std::int64_t l = 0; l < n; ++l) dir[l] = 0.0f;
+    return {0.0, false};
   }
-  std::int64_t l = 0;
-  for (; l + kLanes <= n; l += kLanes) {
-    for (int k = 0; k < kLanes; ++k) {
-      c8[k] += p[l + k];
-      if (e) {
-        const float inv = 1.0f / std::max(e[l + k], 1e-8f);
-        const bool ok = v[l + k] != 0;
-        lo8[k] = std::min(lo8[k], ok ? inv : FLT_MAX);
-        hi8[k] = std::max(hi8[k], ok ? inv : -FLT_MAX);
+
+  // w = v * ((inv - lo) * a + b): a = 1/span, b = 1e-3 normally; a = 0, b = 1 when flat (all 1/e
+  // equal, or nothing valid) and without errors.
+  float lo = 0.0f, a = 0.0f, b = 1.0f;
+  if (kErr) {
+    std::int32_t lo_bits = 0x7f7fffff, hi_bits = -1;  // FLT_MAX, and below every inv
+    for (std::int64_t l = 0; l < n; ++l) {
+      // max(e, 1e-8) on the bit patterns: negative floats are negative int32s, and a float
+      // compare would keep GCC from vectorising under the default -ftrapping-math.
+      std::int32_t eb;
+      std::memcpy(&eb, e + l, sizeof(eb));
+      eb = eb < kMinErrBits ? kMinErrBits : eb;
+      float ec;
+      std::memcpy(&ec, &eb, sizeof(ec));
+      const float inv = 1.0f / ec;
+      scratch[l] = inv;
+      std::int32_t bits;
+      std::memcpy(&bits, &inv, sizeof(bits));
+      const std::int32_t ok = -static_cast<std::int32_t>(v[l] != 0);  // all ones where valid
+      lo_bits = std::min(lo_bits, (bits & ok) | (0x7f7fffff & ~ok));
+      hi_bits = std::max(hi_bits, bits | ~ok);
+    }
+    if (hi_bits > lo_bits) {
+      lo = bits_float(lo_bits);
+      const float span = bits_float(hi_bits) - lo;
+      if (span > 0.0f) {
+        a = 1.0f / span;
+        b = 1e-3f;
       }
     }
   }
-  for (int k = 0; l < n; ++l, ++k) {
-    c8[k] += p[l];
-    if (e) {
-      const float inv = 1.0f / std::max(e[l], 1e-8f);
-      const bool ok = v[l] != 0;
-      lo8[k] = std::min(lo8[k], ok ? inv : FLT_MAX);
-      hi8[k] = std::max(hi8[k], ok ? inv : -FLT_MAX);
-    }
-  }
-  float lo = FLT_MAX, hi = -FLT_MAX;
-  std::int64_t count = 0;
-  for (int k = 0; k < kLanes; ++k) {
-    lo = std::min(lo, lo8[k]);
-    hi = std::max(hi, hi8[k]);
-    count += c8[k];
-  }
-  if (count == 0) {
-    if (dir) std::fill(dir, dir + n, 0.0f);
-    return {0.0, false};
-  }
-  // With no valid observation hi - lo = -inf: flat, and every weight is 0 anyway.
-  const float span = hi - lo;
-  const bool flat = e == nullptr || span <= 0.0f;
   const float inv_count = 1.0f / static_cast<float>(count);
 
-  // Pass 2: sum_l w p (y - yhat)^2 in double lanes, and dir = w p (yhat - y) / c.
+  for (std::int64_t l = 0; l < n; ++l) {
+    float w = static_cast<float>(v[l]);
+    if (kErr) w *= (scratch[l] - lo) * a + b;
+    const float wp = w * static_cast<float>(p[l]);
+    float yh;
+    if constexpr (kBf16) {
+      const std::uint32_t bits = static_cast<std::uint32_t>(static_cast<const std::uint16_t*>(pred)[off + l]) << 16;
+      std::memcpy(&yh, &bits, sizeof(yh));
+    } else {
+      yh = static_cast<const float*>(pred)[off + l];
+    }
+    const float d = yh - y[l];
+    scratch[l] = wp * d * d;
+    if (kDir) dir[l] = wp * d * inv_count;
+  }
   double s8[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
-  auto term = [&](std::int64_t i, int k) {
-    float w = static_cast<float>(v[i]);
-    if (!flat) w *= (1.0f / std::max(e[i], 1e-8f) - lo) / span + 1e-3f;
-    const float wp = w * static_cast<float>(p[i]);
-    const float d = load_pred<kBf16>(pred, off + i) - y[i];
-    s8[k] += static_cast<double>(wp * d * d);
-    if (dir) dir[i] = wp * d * inv_count;
-  };
-  l = 0;
+  std::int64_t l = 0;
   for (; l + kLanes <= n; l += kLanes)
-    for (int k = 0; k < kLanes; ++k) term(l + k, k);
-  for (int k = 0; l < n; ++l, ++k) term(l, k);
+    for (int k = 0; k < kLanes; ++k) s8[k] += static_cast<double>(scratch[l + k]);
+  for (int k = 0; l < n; ++l, ++k) s8[k] += static_cast<double>(scratch[l]);
   double num = 0.0;
   for (int k = 0; k < kLanes; ++k) num += s8[k];
   return {num / static_cast<double>(count), true};
@@ -122,7 +119,7 @@ void validate(const WeightedRmseArgs& a) {
     throw std::invalid_argument("weighted_rmse: pred, target and probed must not be null");
 }
 
-template <bool kBf16>
+template <bool kBf16, bool kErr, bool kDir>
 void run(const WeightedRmseArgs& a, int num_threads) {
   const std::int64_t rows = a.rows, n = a.length;
   std::vector<WindowResult> part(static_cast<std::size_t>(rows));
@@ -130,11 +127,12 @@ void run(const WeightedRmseArgs& a, int num_threads) {
   // ~16k observations per task keeps thread start-up well below the work.
   const std::int64_t grain = std::max<std::int64_t>(1, 16384 / std::max<std::int64_t>(n, 1));
   parallel_for(rows, grain, num_threads, [&](std::int64_t r0, std::int64_t r1) {
+    std::vector<float> scratch(static_cast<std::size_t>(n));
     for (std::int64_t r = r0; r < r1; ++r) {
       const std::int64_t off = r * n;
-      part[static_cast<std::size_t>(r)] = window<kBf16>(
-          a.pred, a.target + off, a.err ? a.err + off : nullptr, a.probed + off, valid + off, off,
-          n, a.dir ? a.dir + off : nullptr);
+      part[static_cast<std::size_t>(r)] = window<kBf16, kErr, kDir>(
+          a.pred, a.target + off, kErr ? a.err + off : nullptr, a.probed + off, valid + off, off,
+          n, kDir ? a.dir + off : nullptr, scratch.data());
     }
   });
   // Second stage: window order, one thread, double accumulation.
@@ -155,6 +153,22 @@ void run(const WeightedRmseArgs& a, int num_threads) {
   if (a.scale) *a.scale = scale;
 }
 
+template <bool kBf16, bool kErr>
+void run_dir(const WeightedRmseArgs& a, int num_threads) {
+  if (a.dir)
+    run<kBf16, kErr, true>(a, num_threads);
+  else
+    run<kBf16, kErr, false>(a, num_threads);
+}
+
+template <bool kBf16>
+void run_err(const WeightedRmseArgs& a, int num_threads) {
+  if (a.err)
+    run_dir<kBf16, true>(a, num_threads);
+  else
+    run_dir<kBf16, false>(a, num_threads);
+}
+
 }  // namespace
 
 void weighted_rmse_forward(const WeightedRmseArgs& a, int num_threads) {
@@ -166,9 +180,9 @@ void weighted_rmse_forward(const WeightedRmseArgs& a, int num_threads) {
     return;
   }
   if (a.pred_bf16)
-    run<true>(a, num_threads);
+    run_err<true>(a, num_threads);
   else
-    run<false>(a, num_threads);
+    run_err<false>(a, num_threads);
 }
 
 }  // namespace cpu
