@@ -14,7 +14,7 @@ namespace cpu {
 namespace {
 
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__ELF__) && !defined(ASTROMER_FAST_NO_CLONES)
-#define ASTROMER_FAST_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#define ASTROMER_FAST_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define ASTROMER_FAST_CLONES
 #endif
