@@ -18,3 +18,5 @@ astromer-fast info
 pytest python_tests -q -x -ra 2>&1 | tail -25 | tee "$OUT/tests.txt"
 python bench/bench_model.py --device cuda --windows 4096 --json "$OUT/bench_model.json" \
   | tee "$OUT/bench_model.txt"
+python bench/bench_ops.py --device cuda --windows 4096 --json "$OUT/bench_ops.json" | tee "$OUT/bench_ops.txt"
+python bench/bench_embed.py --device cuda --curves 100000 --naive-curves 200 --batch-size 4096 --json "$OUT/bench_embed.json" | tee "$OUT/bench_embed.txt"
