@@ -4,9 +4,13 @@
 
 #include <algorithm>
 
+#include "cuda/common.cuh"
+
 namespace astromer_fast {
 namespace cuda {
 namespace {
+
+using detail::DeviceGuard;
 
 constexpr int kThreads = 256;
 
@@ -63,32 +67,6 @@ input_embedding_kernel(const float* __restrict__ t, const float* __restrict__ m,
   }
 }
 
-// Runs the launch on `device` and restores the caller's current device. torch keeps its own
-// notion of the current device; a stale one here would launch on the wrong GPU.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    status_ = cudaGetDevice(&previous_);
-    if (status_ != cudaSuccess) {
-      cudaGetLastError();  // clear it so that it is reported once, here
-      return;
-    }
-    if (previous_ != device) {
-      status_ = cudaSetDevice(device);
-      changed_ = status_ == cudaSuccess;
-    }
-  }
-  ~DeviceGuard() {
-    if (changed_) cudaSetDevice(previous_);
-  }
-  cudaError_t status() const { return status_; }
-
- private:
-  int previous_ = 0;
-  bool changed_ = false;
-  cudaError_t status_ = cudaSuccess;
-};
-
 }  // namespace
 
 const char* input_embedding_forward(const InputEmbeddingArgs& a, int device, void* stream) {
@@ -105,20 +83,19 @@ const char* input_embedding_forward(const InputEmbeddingArgs& a, int device, voi
   if (guard.status() != cudaSuccess) return cudaGetErrorString(guard.status());
 
   int sms = 0;
-  cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  const cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err != cudaSuccess) return cudaGetErrorString(err);
   // Enough resident blocks to fill every SM; the grid-stride loop covers the rest, which also
   // amortises each block's omega table.
   const long long pairs = a.rows * (a.dim / 2);
   const long long wanted = (pairs + kThreads - 1) / kThreads;
-  const int blocks = static_cast<int>(std::max<long long>(1, std::min<long long>(wanted, 8LL * std::max(sms, 1))));
+  const int blocks = detail::capped_grid(wanted, 8, sms);
   const size_t smem = static_cast<size_t>(a.dim) * sizeof(double);
 
   input_embedding_kernel<<<blocks, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(
       a.t, a.m, a.hidden, a.w, a.b, a.token, a.base, static_cast<long long>(a.rows),
       static_cast<int>(a.dim), a.out);
-  err = cudaGetLastError();
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+  return detail::launch_error();
 }
 
 int cuda_runtime_compiled_version() { return CUDART_VERSION; }

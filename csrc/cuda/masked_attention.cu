@@ -18,9 +18,13 @@
 
 #include <cmath>
 
+#include "cuda/common.cuh"
+
 namespace astromer_fast {
 namespace cuda {
 namespace {
+
+using detail::DeviceGuard;
 
 constexpr int kHD = 64;       // head dimension supported by these kernels
 constexpr int kRows = 16;     // rows per CTA
@@ -333,30 +337,6 @@ attn_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* 
   }
 }
 
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    status_ = cudaGetDevice(&previous_);
-    if (status_ != cudaSuccess) {
-      cudaGetLastError();
-      return;
-    }
-    if (previous_ != device) {
-      status_ = cudaSetDevice(device);
-      changed_ = status_ == cudaSuccess;
-    }
-  }
-  ~DeviceGuard() {
-    if (changed_) cudaSetDevice(previous_);
-  }
-  cudaError_t status() const { return status_; }
-
- private:
-  int previous_ = 0;
-  bool changed_ = false;
-  cudaError_t status_ = cudaSuccess;
-};
-
 const char* check(const MaskedAttentionArgs& a) {
   if (a.batch < 0 || a.heads < 0 || a.length < 0) return "masked_attention: negative size";
   if (a.head_dim != kHD) return "masked_attention: the CUDA kernels support head_dim 64 only";
@@ -415,8 +395,8 @@ const char* masked_attention_forward(const MaskedAttentionArgs& a, int device, v
   DeviceGuard guard(device);
   if (guard.status() != cudaSuccess) return cudaGetErrorString(guard.status());
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const cudaError_t err = a.bf16 ? launch_forward<__nv_bfloat16>(a, s) : launch_forward<float>(a, s);
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+  return detail::error_message(a.bf16 ? launch_forward<__nv_bfloat16>(a, s)
+                                      : launch_forward<float>(a, s));
 }
 
 const char* masked_attention_backward(const MaskedAttentionBackwardArgs& g, int device,
@@ -430,9 +410,8 @@ const char* masked_attention_backward(const MaskedAttentionBackwardArgs& g, int 
   DeviceGuard guard(device);
   if (guard.status() != cudaSuccess) return cudaGetErrorString(guard.status());
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const cudaError_t err =
-      a.bf16 ? launch_backward<__nv_bfloat16>(g, s) : launch_backward<float>(g, s);
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+  return detail::error_message(a.bf16 ? launch_backward<__nv_bfloat16>(g, s)
+                                      : launch_backward<float>(g, s));
 }
 
 }  // namespace cuda

@@ -6,9 +6,13 @@
 #include <algorithm>
 #include <cfloat>
 
+#include "cuda/common.cuh"
+
 namespace astromer_fast {
 namespace cuda {
 namespace {
+
+using detail::DeviceGuard;
 
 constexpr int kWarp = 32;
 constexpr int kStage1Threads = 256;  // 8 warps = 8 windows in flight per block
@@ -123,30 +127,6 @@ weighted_rmse_reduce(const float2* __restrict__ part, long long rows, float* __r
   }
 }
 
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    status_ = cudaGetDevice(&previous_);
-    if (status_ != cudaSuccess) {
-      cudaGetLastError();
-      return;
-    }
-    if (previous_ != device) {
-      status_ = cudaSetDevice(device);
-      changed_ = status_ == cudaSuccess;
-    }
-  }
-  ~DeviceGuard() {
-    if (changed_) cudaSetDevice(previous_);
-  }
-  cudaError_t status() const { return status_; }
-
- private:
-  int previous_ = 0;
-  bool changed_ = false;
-  cudaError_t status_ = cudaSuccess;
-};
-
 }  // namespace
 
 const char* weighted_rmse_forward(const WeightedRmseArgs& a, int device, void* stream) {
@@ -174,8 +154,7 @@ const char* weighted_rmse_forward(const WeightedRmseArgs& a, int device, void* s
       if (err != cudaSuccess) return cudaGetErrorString(err);
       const long long per_block = kStage1Threads / kWarp;
       const long long wanted = (a.rows + per_block - 1) / per_block;
-      const int blocks = static_cast<int>(
-          std::max<long long>(1, std::min<long long>(wanted, 16LL * std::max(sms, 1))));
+      const int blocks = detail::capped_grid(wanted, 16, sms);
       const unsigned char* valid = a.valid ? a.valid : a.probed;
       if (a.pred_bf16)
         weighted_rmse_windows<true><<<blocks, kStage1Threads, 0, s>>>(
@@ -183,13 +162,11 @@ const char* weighted_rmse_forward(const WeightedRmseArgs& a, int device, void* s
       else
         weighted_rmse_windows<false><<<blocks, kStage1Threads, 0, s>>>(
             a.pred, a.target, a.err, a.probed, valid, a.rows, a.length, part, a.dir);
-      err = cudaGetLastError();
-      if (err != cudaSuccess) return cudaGetErrorString(err);
+      if (const char* e = detail::launch_error()) return e;
     }
   }
   weighted_rmse_reduce<<<1, kStage2Threads, 0, s>>>(part, a.rows, a.loss, a.scale);
-  cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+  return detail::launch_error();
 }
 
 }  // namespace cuda
