@@ -6,22 +6,15 @@
 #include <string>
 #include <vector>
 
+#include "cpu/common.h"
 #include "cpu/parallel.h"
 
 namespace astromer_fast {
 namespace cpu {
 namespace {
 
-// x86-64 wheels must run on any x86-64 CPU, so the baseline build is SSE2 (2 doubles per
-// vector); a second clone for AVX2+FMA machines (4 per vector) is picked at load time through an
-// ifunc. The clone names an ISA level (x86-64-v3), not a CPU model: "arch=haswell" would be
-// chosen only on that exact Intel core and never on, e.g., AMD EPYC. Elsewhere there is just the
-// portable version.
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__ELF__) && !defined(ASTROMER_FAST_NO_CLONES)
-#define ASTROMER_FAST_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define ASTROMER_FAST_CLONES
-#endif
+// embed_row is cloned (ASTROMER_FAST_CLONES, cpu/common.h): the SSE2 baseline holds 2 doubles per
+// vector, the x86-64-v3 (AVX2+FMA) clone 4.
 
 // One output row: out[j] = sin(t*omega[j] + (j&1)*pi/2) + mv*w[j] + b[j].
 //

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/common.h"
 #include "cpu/parallel.h"
 
 // Vector-extension helpers are always inlined, so the ABI note about passing 64-byte vectors is moot.
@@ -17,16 +18,10 @@ namespace cpu {
 namespace {
 
 // The task functions are cloned for x86-64-v4 (AVX-512) and x86-64-v3 (AVX2+FMA) machines and picked
-// at load time (ifunc; "arch=haswell"-style clones would be chosen only on that exact Intel core, never
-// on e.g. AMD EPYC);
+// at load time (ASTROMER_FAST_CLONES_V4, cpu/common.h);
 // the baseline x86-64 build is SSE2. The inner loops use GCC vector extensions of 16 floats, which
 // each clone lowers to one zmm, two ymm or four xmm registers, so the register blocking below is
 // explicit rather than left to the auto-vectoriser (which would need -ffast-math for reductions).
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__ELF__) && !defined(ASTROMER_FAST_NO_CLONES)
-#define AF_ATTN_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define AF_ATTN_CLONES
-#endif
 #define AF_INLINE inline __attribute__((always_inline))
 
 typedef float vf __attribute__((vector_size(64)));
@@ -200,7 +195,7 @@ AF_INLINE float biased_row(float* __restrict__ s, const float* __restrict__ b1,
 }
 
 // out/lse for queries [q0, q1) of one (b, h).
-AF_ATTN_CLONES
+ASTROMER_FAST_CLONES_V4
 void forward_task(const MaskedAttentionArgs& a, std::int64_t bh, std::int64_t q0, std::int64_t q1,
                   Scratch& sc) {
   const std::int64_t L = a.length, hd = a.head_dim, Lp = round_up(L, W);
@@ -266,7 +261,7 @@ void transpose(const float* __restrict__ src, float* __restrict__ dst, std::int6
 }
 
 // dq, dk, dv of one (b, h).
-AF_ATTN_CLONES
+ASTROMER_FAST_CLONES_V4
 void backward_task(const MaskedAttentionBackwardArgs& g, std::int64_t bh, Scratch& sc) {
   const MaskedAttentionArgs& a = g.fwd;
   const std::int64_t L = a.length, hd = a.head_dim, Lp = round_up(L, W);

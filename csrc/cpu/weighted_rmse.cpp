@@ -7,17 +7,12 @@
 #include <stdexcept>
 #include <vector>
 
+#include "cpu/common.h"
 #include "cpu/parallel.h"
 
 namespace astromer_fast {
 namespace cpu {
 namespace {
-
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__ELF__) && !defined(ASTROMER_FAST_NO_CLONES)
-#define ASTROMER_FAST_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define ASTROMER_FAST_CLONES
-#endif
 
 constexpr int kLanes = 8;
 // Bit pattern of 1e-8f, the floor the errors are clamped to before 1/e (as the reference does).
