@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <thread>
 
+#include "bindings_common.h"
 #include "cpu/input_embedding.h"
 #include "cpu/masked_attention.h"
 #include "cpu/weighted_rmse.h"
@@ -14,66 +15,34 @@ namespace py = pybind11;
 
 namespace {
 
-template <class T>
-T* as_ptr(std::uintptr_t address) {
-  return reinterpret_cast<T*>(address);
-}
+namespace cpu = astromer_fast::cpu;
+using namespace astromer_fast::bindings;
 
 void input_embedding_forward(std::uintptr_t t, std::uintptr_t m, std::uintptr_t hidden,
                              std::uintptr_t w, std::uintptr_t b, std::uintptr_t token, double base,
                              std::int64_t rows, std::int64_t dim, std::uintptr_t out,
                              int num_threads) {
-  astromer_fast::cpu::InputEmbeddingArgs a;
-  a.t = as_ptr<const float>(t);
-  a.m = as_ptr<const float>(m);
-  a.hidden = as_ptr<const std::uint8_t>(hidden);
-  a.w = as_ptr<const float>(w);
-  a.b = as_ptr<const float>(b);
-  a.token = as_ptr<const float>(token);
-  a.base = base;
-  a.rows = rows;
-  a.dim = dim;
-  a.out = as_ptr<float>(out);
-  astromer_fast::cpu::input_embedding_forward(a, num_threads);
+  const auto a = input_embedding_args<cpu::InputEmbeddingArgs>(t, m, hidden, w, b, token, base,
+                                                               rows, dim, out);
+  cpu::input_embedding_forward(a, num_threads);
 }
 
 void weighted_rmse_forward(std::uintptr_t pred, bool pred_bf16, std::uintptr_t target,
                            std::uintptr_t err, std::uintptr_t probed, std::uintptr_t valid,
                            std::int64_t rows, std::int64_t length, std::uintptr_t loss,
                            std::uintptr_t scale, std::uintptr_t dir, int num_threads) {
-  astromer_fast::cpu::WeightedRmseArgs a;
-  a.pred = as_ptr<const void>(pred);
-  a.pred_bf16 = pred_bf16;
-  a.target = as_ptr<const float>(target);
-  a.err = as_ptr<const float>(err);
-  a.probed = as_ptr<const std::uint8_t>(probed);
-  a.valid = as_ptr<const std::uint8_t>(valid);
-  a.rows = rows;
-  a.length = length;
-  a.loss = as_ptr<float>(loss);
-  a.scale = as_ptr<float>(scale);
-  a.dir = as_ptr<float>(dir);
-  astromer_fast::cpu::weighted_rmse_forward(a, num_threads);
+  const auto a = weighted_rmse_args<cpu::WeightedRmseArgs>(pred, pred_bf16, target, err, probed,
+                                                           valid, rows, length, loss, scale, dir);
+  cpu::weighted_rmse_forward(a, num_threads);
 }
 
 void masked_attention_forward(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
                               std::uintptr_t key_hidden, std::int64_t batch, std::int64_t heads,
                               std::int64_t length, std::int64_t head_dim, int rule, double scale,
                               std::uintptr_t out, std::uintptr_t lse, int num_threads) {
-  astromer_fast::cpu::MaskedAttentionArgs a;
-  a.q = as_ptr<const float>(q);
-  a.k = as_ptr<const float>(k);
-  a.v = as_ptr<const float>(v);
-  a.key_hidden = as_ptr<const std::uint8_t>(key_hidden);
-  a.batch = batch;
-  a.heads = heads;
-  a.length = length;
-  a.head_dim = head_dim;
-  a.rule = rule;
-  a.scale = static_cast<float>(scale);
-  a.out = as_ptr<float>(out);
-  a.lse = as_ptr<float>(lse);
-  astromer_fast::cpu::masked_attention_forward(a, num_threads);
+  const auto a = masked_attention_args<cpu::MaskedAttentionArgs>(
+      q, k, v, key_hidden, batch, heads, length, head_dim, rule, scale, out, lse);
+  cpu::masked_attention_forward(a, num_threads);
 }
 
 void masked_attention_backward(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
@@ -82,24 +51,11 @@ void masked_attention_backward(std::uintptr_t q, std::uintptr_t k, std::uintptr_
                                std::int64_t length, std::int64_t head_dim, int rule, double scale,
                                std::uintptr_t dq, std::uintptr_t dk, std::uintptr_t dv,
                                int num_threads) {
-  astromer_fast::cpu::MaskedAttentionBackwardArgs g;
-  g.fwd.q = as_ptr<const float>(q);
-  g.fwd.k = as_ptr<const float>(k);
-  g.fwd.v = as_ptr<const float>(v);
-  g.fwd.key_hidden = as_ptr<const std::uint8_t>(key_hidden);
-  g.fwd.out = as_ptr<float>(out);
-  g.fwd.lse = as_ptr<float>(lse);
-  g.fwd.batch = batch;
-  g.fwd.heads = heads;
-  g.fwd.length = length;
-  g.fwd.head_dim = head_dim;
-  g.fwd.rule = rule;
-  g.fwd.scale = static_cast<float>(scale);
-  g.dout = as_ptr<const float>(dout);
-  g.dq = as_ptr<float>(dq);
-  g.dk = as_ptr<float>(dk);
-  g.dv = as_ptr<float>(dv);
-  astromer_fast::cpu::masked_attention_backward(g, num_threads);
+  cpu::MaskedAttentionBackwardArgs g;
+  g.fwd = masked_attention_args<cpu::MaskedAttentionArgs>(q, k, v, key_hidden, batch, heads, length,
+                                                          head_dim, rule, scale, out, lse);
+  set_masked_attention_grads(g, dout, dq, dk, dv);
+  cpu::masked_attention_backward(g, num_threads);
 }
 
 py::dict build_info() {

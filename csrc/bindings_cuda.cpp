@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "bindings_common.h"
 #include "cuda/input_embedding.h"
 #include "cuda/masked_attention.h"
 #include "cuda/weighted_rmse.h"
@@ -15,28 +16,21 @@ namespace py = pybind11;
 
 namespace {
 
-template <class T>
-T* as_ptr(std::uintptr_t address) {
-  return reinterpret_cast<T*>(address);
+namespace kcuda = astromer_fast::cuda;
+using namespace astromer_fast::bindings;
+
+// The kernels' entry points return nullptr or a static message; the message becomes RuntimeError.
+void raise_if_error(const char* err) {
+  if (err != nullptr) throw std::runtime_error(std::string("astromer_fast._C_cuda: ") + err);
 }
 
 void input_embedding_forward(std::uintptr_t t, std::uintptr_t m, std::uintptr_t hidden,
                              std::uintptr_t w, std::uintptr_t b, std::uintptr_t token, double base,
                              std::int64_t rows, std::int64_t dim, std::uintptr_t out, int device,
                              std::uintptr_t stream) {
-  astromer_fast::cuda::InputEmbeddingArgs a;
-  a.t = as_ptr<const float>(t);
-  a.m = as_ptr<const float>(m);
-  a.hidden = as_ptr<const std::uint8_t>(hidden);
-  a.w = as_ptr<const float>(w);
-  a.b = as_ptr<const float>(b);
-  a.token = as_ptr<const float>(token);
-  a.base = base;
-  a.rows = rows;
-  a.dim = dim;
-  a.out = as_ptr<float>(out);
-  const char* err = astromer_fast::cuda::input_embedding_forward(a, device, as_ptr<void>(stream));
-  if (err != nullptr) throw std::runtime_error(std::string("astromer_fast._C_cuda: ") + err);
+  const auto a = input_embedding_args<kcuda::InputEmbeddingArgs>(t, m, hidden, w, b, token, base,
+                                                                 rows, dim, out);
+  raise_if_error(kcuda::input_embedding_forward(a, device, as_ptr<void>(stream)));
 }
 
 void weighted_rmse_forward(std::uintptr_t pred, bool pred_bf16, std::uintptr_t target,
@@ -44,21 +38,10 @@ void weighted_rmse_forward(std::uintptr_t pred, bool pred_bf16, std::uintptr_t t
                            std::int64_t rows, std::int64_t length, std::uintptr_t workspace,
                            std::uintptr_t loss, std::uintptr_t scale, std::uintptr_t dir,
                            int device, std::uintptr_t stream) {
-  astromer_fast::cuda::WeightedRmseArgs a;
-  a.pred = as_ptr<const void>(pred);
-  a.pred_bf16 = pred_bf16;
-  a.target = as_ptr<const float>(target);
-  a.err = as_ptr<const float>(err);
-  a.probed = as_ptr<const std::uint8_t>(probed);
-  a.valid = as_ptr<const std::uint8_t>(valid);
-  a.rows = rows;
-  a.length = length;
-  a.workspace = as_ptr<float>(workspace);
-  a.loss = as_ptr<float>(loss);
-  a.scale = as_ptr<float>(scale);
-  a.dir = as_ptr<float>(dir);
-  const char* e = astromer_fast::cuda::weighted_rmse_forward(a, device, as_ptr<void>(stream));
-  if (e != nullptr) throw std::runtime_error(std::string("astromer_fast._C_cuda: ") + e);
+  auto a = weighted_rmse_args<kcuda::WeightedRmseArgs>(pred, pred_bf16, target, err, probed, valid,
+                                                      rows, length, loss, scale, dir);
+  set_ptr(a.workspace, workspace);
+  raise_if_error(kcuda::weighted_rmse_forward(a, device, as_ptr<void>(stream)));
 }
 
 void masked_attention_forward(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
@@ -66,22 +49,10 @@ void masked_attention_forward(std::uintptr_t q, std::uintptr_t k, std::uintptr_t
                               std::int64_t heads, std::int64_t length, std::int64_t head_dim,
                               int rule, double scale, std::uintptr_t out, std::uintptr_t lse,
                               int device, std::uintptr_t stream) {
-  astromer_fast::cuda::MaskedAttentionArgs a;
-  a.q = as_ptr<const void>(q);
-  a.k = as_ptr<const void>(k);
-  a.v = as_ptr<const void>(v);
-  a.key_hidden = as_ptr<const std::uint8_t>(key_hidden);
+  auto a = masked_attention_args<kcuda::MaskedAttentionArgs>(q, k, v, key_hidden, batch, heads,
+                                                             length, head_dim, rule, scale, out, lse);
   a.bf16 = bf16;
-  a.batch = batch;
-  a.heads = heads;
-  a.length = length;
-  a.head_dim = head_dim;
-  a.rule = rule;
-  a.scale = static_cast<float>(scale);
-  a.out = as_ptr<void>(out);
-  a.lse = as_ptr<float>(lse);
-  const char* e = astromer_fast::cuda::masked_attention_forward(a, device, as_ptr<void>(stream));
-  if (e != nullptr) throw std::runtime_error(std::string("astromer_fast._C_cuda: ") + e);
+  raise_if_error(kcuda::masked_attention_forward(a, device, as_ptr<void>(stream)));
 }
 
 void masked_attention_backward(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
@@ -91,27 +62,13 @@ void masked_attention_backward(std::uintptr_t q, std::uintptr_t k, std::uintptr_
                                int rule, double scale, std::uintptr_t dq, std::uintptr_t dk,
                                std::uintptr_t dv, std::uintptr_t delta, int device,
                                std::uintptr_t stream) {
-  astromer_fast::cuda::MaskedAttentionBackwardArgs g;
-  g.fwd.q = as_ptr<const void>(q);
-  g.fwd.k = as_ptr<const void>(k);
-  g.fwd.v = as_ptr<const void>(v);
-  g.fwd.key_hidden = as_ptr<const std::uint8_t>(key_hidden);
-  g.fwd.out = as_ptr<void>(out);
-  g.fwd.lse = as_ptr<float>(lse);
+  kcuda::MaskedAttentionBackwardArgs g;
+  g.fwd = masked_attention_args<kcuda::MaskedAttentionArgs>(q, k, v, key_hidden, batch, heads,
+                                                            length, head_dim, rule, scale, out, lse);
   g.fwd.bf16 = bf16;
-  g.fwd.batch = batch;
-  g.fwd.heads = heads;
-  g.fwd.length = length;
-  g.fwd.head_dim = head_dim;
-  g.fwd.rule = rule;
-  g.fwd.scale = static_cast<float>(scale);
-  g.dout = as_ptr<const void>(dout);
-  g.dq = as_ptr<void>(dq);
-  g.dk = as_ptr<void>(dk);
-  g.dv = as_ptr<void>(dv);
-  g.delta = as_ptr<float>(delta);
-  const char* e = astromer_fast::cuda::masked_attention_backward(g, device, as_ptr<void>(stream));
-  if (e != nullptr) throw std::runtime_error(std::string("astromer_fast._C_cuda: ") + e);
+  set_masked_attention_grads(g, dout, dq, dk, dv);
+  set_ptr(g.delta, delta);
+  raise_if_error(kcuda::masked_attention_backward(g, device, as_ptr<void>(stream)));
 }
 
 py::dict build_info() {
