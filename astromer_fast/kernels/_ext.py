@@ -49,3 +49,36 @@ def cpu_ext_error() -> BaseException | None:
 def cuda_ext_error() -> BaseException | None:
     """Why ``astromer_fast._C_cuda`` could not be imported (None if it could)."""
     return _load("_C_cuda")[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# What the ops' kernel runners share: the extension or a RuntimeError that says why it is missing,
+# and tensors as the raw addresses the raw-pointer bindings take.
+# ------------------------------------------------------------------------------------------------
+def require_cpu_ext() -> ModuleType:
+    """``astromer_fast._C``, or RuntimeError with the reason it cannot be imported."""
+    ext = cpu_ext()
+    if ext is None:
+        raise RuntimeError(f"astromer_fast._C is not available: {cpu_ext_error()}")
+    return ext
+
+
+def require_cuda_ext() -> ModuleType:
+    """``astromer_fast._C_cuda``, or RuntimeError with the reason it cannot be imported."""
+    ext = cuda_ext()
+    if ext is None:
+        raise RuntimeError(f"astromer_fast._C_cuda is not available: {cuda_ext_error()}")
+    return ext
+
+
+def ptr(x) -> int:
+    """The tensor's data address for the bindings; 0 (a null pointer) for None."""
+    return 0 if x is None else x.data_ptr()
+
+
+def cuda_device_and_stream(x) -> tuple[int, int]:
+    """(device index, current cudaStream_t as int) to launch a CUDA kernel on x's device."""
+    import torch
+
+    dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    return dev, torch.cuda.current_stream(x.device).cuda_stream

@@ -24,7 +24,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from astromer_fast.kernels import _ext
+from astromer_fast.kernels import _checks, _ext
 from astromer_fast.kernels.backends import BACKENDS, requested_backend, resolve_backend
 
 __all__ = ["OP_NAME", "input_embedding", "input_embedding_reference"]
@@ -83,26 +83,19 @@ def input_embedding_reference(
 # ------------------------------------------------------------------------------------------------
 # Custom op: kernels for the forward, PyTorch for the backward
 # ------------------------------------------------------------------------------------------------
-def _ptr(x: Optional[Tensor]) -> int:
-    return 0 if x is None else x.data_ptr()
+_ptr = _ext.ptr
 
 
 def _run_cpu(t, m, hidden, w, b, token, base, out) -> None:
-    ext = _ext.cpu_ext()
-    if ext is None:
-        raise RuntimeError(f"astromer_fast._C is not available: {_ext.cpu_ext_error()}")
-    ext.input_embedding_forward(
+    _ext.require_cpu_ext().input_embedding_forward(
         _ptr(t), _ptr(m), _ptr(hidden), _ptr(w), _ptr(b), _ptr(token), float(base),
         t.numel(), w.numel(), _ptr(out), max(1, torch.get_num_threads()),
     )
 
 
 def _run_cuda(t, m, hidden, w, b, token, base, out) -> None:
-    ext = _ext.cuda_ext()
-    if ext is None:
-        raise RuntimeError(f"astromer_fast._C_cuda is not available: {_ext.cuda_ext_error()}")
-    dev = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    stream = torch.cuda.current_stream(t.device).cuda_stream
+    ext = _ext.require_cuda_ext()
+    dev, stream = _ext.cuda_device_and_stream(t)
     ext.input_embedding_forward(
         _ptr(t), _ptr(m), _ptr(hidden), _ptr(w), _ptr(b), _ptr(token), float(base),
         t.numel(), w.numel(), _ptr(out), dev, stream,
@@ -123,11 +116,9 @@ _RUNNERS = {"cpu": _run_cpu, "cuda": _run_cuda, "triton": _run_triton}
 
 def _check_op_args(t, m, hidden, w, b, token, backend) -> None:
     """Checks for direct callers of the op; the public wrapper has already normalised its inputs."""
-    if backend not in BACKENDS:
-        raise ValueError(f"{OP_NAME}: unknown backend {backend!r}; choose one of {BACKENDS}")
-    for name, x in (("t", t), ("m", m), ("w", w), ("b", b), ("token", token)):
-        if x is not None and backend != "torch" and x.dtype != torch.float32:
-            raise TypeError(f"{OP_NAME}: backend {backend!r} needs float32 {name}, got {x.dtype}")
+    _checks.check_backend(OP_NAME, backend, BACKENDS)
+    if backend != "torch":
+        _checks.check_float32(OP_NAME, backend, (("t", t), ("m", m), ("w", w), ("b", b), ("token", token)))
     if m.shape != t.shape or (hidden is not None and hidden.shape != t.shape):
         raise ValueError(f"{OP_NAME}: t, m (and hidden) must have one shape")
     if hidden is not None and hidden.dtype not in (torch.bool, torch.uint8):
@@ -243,9 +234,8 @@ def _validate(t, m, hidden, w, b, token, base) -> None:
             raise TypeError("input_embedding: token must be a floating-point tensor of shape (1,) or (), or None")
         if token.numel() != 1 or token.dim() > 1:
             raise ValueError(f"input_embedding: token must have shape (1,) or (), got {tuple(token.shape)}")
-    for name, x in (("m", m), ("hidden", hidden), ("w", w), ("b", b), ("token", token)):
-        if x is not None and x.device != t.device:
-            raise ValueError(f"input_embedding: {name} is on {x.device} but t is on {t.device}")
+    _checks.check_same_device("input_embedding", "t", t,
+                              (("m", m), ("hidden", hidden), ("w", w), ("b", b), ("token", token)))
     if not (isinstance(base, (int, float)) and math.isfinite(base) and base > 0):
         raise ValueError(f"input_embedding: base must be a positive finite number, got {base!r}")
 

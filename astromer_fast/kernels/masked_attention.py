@@ -29,7 +29,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from astromer_fast.kernels import _ext
+from astromer_fast.kernels import _checks, _ext
 from astromer_fast.kernels.backends import BACKENDS, requested_backend, resolve_backend
 
 __all__ = [
@@ -132,23 +132,9 @@ def _shape(q: Tensor):
     return B, H, L, hd
 
 
-def _cpu_ext():
-    ext = _ext.cpu_ext()
-    if ext is None:
-        raise RuntimeError(f"astromer_fast._C is not available: {_ext.cpu_ext_error()}")
-    return ext
-
-
-def _cuda_ext():
-    ext = _ext.cuda_ext()
-    if ext is None:
-        raise RuntimeError(f"astromer_fast._C_cuda is not available: {_ext.cuda_ext_error()}")
-    return ext
-
-
-def _cuda_dev_stream(x: Tensor):
-    dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    return dev, torch.cuda.current_stream(x.device).cuda_stream
+_cpu_ext = _ext.require_cpu_ext
+_cuda_ext = _ext.require_cuda_ext
+_cuda_dev_stream = _ext.cuda_device_and_stream
 
 
 def _fwd_cpu(q, k, v, kh, rule, out, lse):
@@ -208,8 +194,7 @@ _KERNEL_DTYPES = {
 
 
 def _check_op_args(q, k, v, key_hidden, rule, backend, what) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"{what}: unknown backend {backend!r}; choose one of {BACKENDS}")
+    _checks.check_backend(what, backend, BACKENDS)
     if rule not in MASK_RULES:
         raise ValueError(f"{what}: unknown rule {rule!r}; choose one of {MASK_RULES}")
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
@@ -317,9 +302,7 @@ def _validate(q, k, v, key_hidden, rule) -> None:
     if key_hidden.shape != (q.shape[0], q.shape[2]):
         raise ValueError(f"masked_attention: key_hidden must be (B, L) = {(q.shape[0], q.shape[2])}, "
                          f"got {tuple(key_hidden.shape)}")
-    for name, x in (("k", k), ("v", v), ("key_hidden", key_hidden)):
-        if x.device != q.device:
-            raise ValueError(f"masked_attention: {name} is on {x.device} but q is on {q.device}")
+    _checks.check_same_device("masked_attention", "q", q, (("k", k), ("v", v), ("key_hidden", key_hidden)))
     if rule not in MASK_RULES:
         raise ValueError(f"masked_attention: rule must be one of {MASK_RULES}, got {rule!r}")
 

@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from astromer_fast.kernels import _ext
+from astromer_fast.kernels import _checks, _ext
 from astromer_fast.kernels.backends import BACKENDS, requested_backend, resolve_backend
 
 __all__ = ["OP_NAME", "error_weights", "weighted_rmse", "weighted_rmse_reference"]
@@ -98,16 +98,12 @@ def _op_torch(pred, target, err, probed, valid, need_grad) -> Tuple[Tensor, Tens
 # ------------------------------------------------------------------------------------------------
 # Custom op: one fused forward kernel per backend; the backward is dir * scale
 # ------------------------------------------------------------------------------------------------
-def _ptr(x: Optional[Tensor]) -> int:
-    return 0 if x is None else x.data_ptr()
+_ptr = _ext.ptr
 
 
 def _run_cpu(pred, target, err, probed, valid, loss, scale, dir_) -> None:
-    ext = _ext.cpu_ext()
-    if ext is None:
-        raise RuntimeError(f"astromer_fast._C is not available: {_ext.cpu_ext_error()}")
     rows, length = pred.shape
-    ext.weighted_rmse_forward(
+    _ext.require_cpu_ext().weighted_rmse_forward(
         _ptr(pred), pred.dtype == torch.bfloat16, _ptr(target), _ptr(err), _ptr(probed),
         _ptr(valid), rows, length, _ptr(loss), _ptr(scale), _ptr(dir_),
         max(1, torch.get_num_threads()),
@@ -115,12 +111,9 @@ def _run_cpu(pred, target, err, probed, valid, loss, scale, dir_) -> None:
 
 
 def _run_cuda(pred, target, err, probed, valid, loss, scale, dir_) -> None:
-    ext = _ext.cuda_ext()
-    if ext is None:
-        raise RuntimeError(f"astromer_fast._C_cuda is not available: {_ext.cuda_ext_error()}")
+    ext = _ext.require_cuda_ext()
     rows, length = pred.shape
-    dev = pred.device.index if pred.device.index is not None else torch.cuda.current_device()
-    stream = torch.cuda.current_stream(pred.device).cuda_stream
+    dev, stream = _ext.cuda_device_and_stream(pred)
     workspace = torch.empty(2 * rows, dtype=torch.float32, device=pred.device)
     ext.weighted_rmse_forward(
         _ptr(pred), pred.dtype == torch.bfloat16, _ptr(target), _ptr(err), _ptr(probed),
@@ -140,8 +133,7 @@ _RUNNERS = {"cpu": _run_cpu, "cuda": _run_cuda, "triton": _run_triton}
 
 def _check_op_args(pred, target, err, probed, valid, backend) -> None:
     """Checks for direct callers of the op; the public wrapper has already normalised its inputs."""
-    if backend not in BACKENDS:
-        raise ValueError(f"{OP_NAME}: unknown backend {backend!r}; choose one of {BACKENDS}")
+    _checks.check_backend(OP_NAME, backend, BACKENDS)
     if pred.dim() != 2:
         raise ValueError(f"{OP_NAME}: inputs must have shape (B, L), got {tuple(pred.shape)}")
     for name, x in (("target", target), ("err", err), ("probed", probed), ("valid", valid)):
@@ -153,9 +145,7 @@ def _check_op_args(pred, target, err, probed, valid, backend) -> None:
     if backend != "torch":
         if pred.dtype not in (torch.float32, torch.bfloat16):
             raise TypeError(f"{OP_NAME}: backend {backend!r} needs float32 or bfloat16 pred, got {pred.dtype}")
-        for name, x in (("target", target), ("err", err)):
-            if x is not None and x.dtype != torch.float32:
-                raise TypeError(f"{OP_NAME}: backend {backend!r} needs float32 {name}, got {x.dtype}")
+        _checks.check_float32(OP_NAME, backend, (("target", target), ("err", err)))
 
 
 @torch.library.custom_op(OP_NAME, mutates_args=())
