@@ -1,4 +1,8 @@
+import importlib.util
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,3 +20,24 @@ def shared_data():
     if not d.is_dir():
         pytest.skip(f"real data not available: {d} is absent (set ASTROMER_FAST_SHARED_DATA)")
     return d
+
+
+@pytest.fixture
+def run_triton_interpreted(tmp_path):
+    """Runs a test script in a fresh Python with TRITON_INTERPRET=1 (it must be set before triton.jit
+    runs, hence a subprocess) and returns the JSON value its last stdout line prints; the script
+    gets this folder as sys.argv[1] to import the test module's helpers. Skips without triton."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not importable")
+
+    def run(script: str):
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        env.pop("ASTROMER_FAST_BACKEND", None)
+        here = os.path.dirname(os.path.abspath(__file__))
+        # cwd outside the repository so the subprocess imports the same (installed) package as pytest.
+        proc = subprocess.run([sys.executable, "-c", script, here], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    return run

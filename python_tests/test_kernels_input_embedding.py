@@ -11,11 +11,8 @@ Oracle: a float64 numpy evaluation of the formula at the same float32 inputs. To
 
 import importlib
 import importlib.util
-import json
 import os
 import shutil
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -295,17 +292,8 @@ _TRITON_SCRIPT = textwrap.dedent(
 )
 
 
-def test_triton_backend_under_interpreter(tmp_path):
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not importable")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env.pop("ASTROMER_FAST_BACKEND", None)
-    here = os.path.dirname(os.path.abspath(__file__))
-    # cwd outside the repository so the subprocess imports the same (installed) package as pytest.
-    proc = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT, here], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    errs = json.loads(proc.stdout.strip().splitlines()[-1])
+def test_triton_backend_under_interpreter(run_triton_interpreted):
+    errs = run_triton_interpreted(_TRITON_SCRIPT)
     assert errs and max(errs.values()) < TOL, errs
 
 

@@ -13,12 +13,7 @@ Tolerances (float32 kernels, outputs and gradients of order 1, sums over <= 256 
     largest, parameters after one SGD step (lr 1e-2) 1e-6.
 """
 
-import importlib.util
-import json
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -268,16 +263,8 @@ _TRITON_SCRIPT = textwrap.dedent(
 )
 
 
-def test_triton_fwd_bwd_under_interpreter(tmp_path):
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not importable")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env.pop("ASTROMER_FAST_BACKEND", None)
-    here = os.path.dirname(os.path.abspath(__file__))
-    proc = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT, here], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    errs = json.loads(proc.stdout.strip().splitlines()[-1])
+def test_triton_fwd_bwd_under_interpreter(run_triton_interpreted):
+    errs = run_triton_interpreted(_TRITON_SCRIPT)
     assert errs and max(errs.values()) < 2e-5, errs
 
 

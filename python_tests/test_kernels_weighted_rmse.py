@@ -11,12 +11,8 @@ pred) at the same float32 inputs. Tolerances:
     loss keeps the float32 tolerance; the gradient is rounded to bf16 (2^-8 relative).
 """
 
-import importlib.util
-import json
 import os
 import shutil
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -338,16 +334,8 @@ _TRITON_SCRIPT = textwrap.dedent(
 )
 
 
-def test_triton_backend_under_interpreter(tmp_path):
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not importable")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env.pop("ASTROMER_FAST_BACKEND", None)
-    here = os.path.dirname(os.path.abspath(__file__))
-    proc = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT, here], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    done = json.loads(proc.stdout.strip().splitlines()[-1])
+def test_triton_backend_under_interpreter(run_triton_interpreted):
+    done = run_triton_interpreted(_TRITON_SCRIPT)
     assert len(done) == (len(SHAPES) + 2) * len(CASES) + 1
 
 
