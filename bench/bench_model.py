@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 
 import torch
 
 from astromer_fast import Astromer, AstromerConfig
 from astromer_fast.kernels import available_backends
 from astromer_fast.training import weighted_rmse
+
+from _timing import device_sync, timed
 
 
 def make_batch(n, L, device, seed=0):
@@ -34,21 +35,9 @@ def make_batch(n, L, device, seed=0):
     return [x.to(device) for x in (t, m, valid, err, probed)]
 
 
-def timed(fn, sync, repeats):
-    fn()  # warm-up (and compilation)
-    sync()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def run(args):
     device = torch.device(args.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = device_sync(device)
     t, m, valid, err, probed = make_batch(args.windows, args.length, device)
     hidden = ~valid
     variants = [("reference fp32 (torch backend)", dict(backend="torch"), None, False)]

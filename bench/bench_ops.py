@@ -17,13 +17,14 @@ import argparse
 import json
 import math
 import platform
-import time
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from astromer_fast.kernels import available_backends
+
+from _timing import device_sync, timed
 
 OP_BENCHES: list[tuple[str, Callable]] = []  # (op name, bench function), in registration order
 
@@ -34,23 +35,6 @@ def register(name: str):
         return fn
 
     return deco
-
-
-def timed(fn, sync, repeats: int) -> float:
-    """Best wall time of ``repeats`` calls after one warm-up call (which also compiles)."""
-    fn()
-    sync()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def _sync(device):
-    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
 def _row(op, variant, n, t_fwd, t_fb):
@@ -67,7 +51,7 @@ def bench_masked_attention(args) -> list[dict]:
     from astromer_fast.model.astromer import attention_bias
 
     device = torch.device(args.device)
-    sync = _sync(device)
+    sync = device_sync(device)
     B, L, H, hd = args.windows, args.length, 4, 64
     g = torch.Generator().manual_seed(0)
     n_valid = torch.randint(L // 4, L + 1, (B,), generator=g)
@@ -123,7 +107,7 @@ def bench_weighted_rmse(args) -> list[dict]:
     from astromer_fast.kernels import weighted_rmse, weighted_rmse_reference
 
     device = torch.device(args.device)
-    sync = _sync(device)
+    sync = device_sync(device)
     B, L = args.windows, args.length
     g = torch.Generator().manual_seed(0)
     n_valid = torch.randint(L // 4, L + 1, (B,), generator=g)
