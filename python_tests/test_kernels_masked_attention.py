@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from astromer_fast import Astromer, AstromerConfig
-from astromer_fast.kernels import available_backends, masked_attention, masked_attention_reference
+from astromer_fast.kernels import available_backends, masked_attention
 from astromer_fast.kernels.masked_attention import (
     _masked_attention_bwd,
     _masked_attention_fwd,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from astromer_fast import Astromer, AstromerConfig, load_official_checkpoint
-from astromer_fast.data import Curves, apply_probe, basic_clean, make_windows, probe_masks
+from astromer_fast.data import Curves, basic_clean, make_windows, probe_masks
 from astromer_fast.training import probed_metrics
 from astromer_fast.weights.official import infer_architecture, official_name_map
 from astromer_fast.weights.tf_checkpoint import CheckpointError, read_index

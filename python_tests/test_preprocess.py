@@ -2,14 +2,13 @@
 the shipped MACHO sample and (when present) the shared MACHO data."""
 
 import math
-import os
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import shared_data_dir
 
 from astromer_fast.data import (
     Curves,
@@ -24,11 +23,6 @@ from astromer_fast.data import (
 )
 
 LENGTHS = [1, 4, 5, 199, 200, 201, 400, 1000]
-
-
-def shared_dir() -> Path:
-    return Path(os.environ.get("ASTROMER_FAST_SHARED_DATA")
-                or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 
 
 def random_curves(rng, lengths, t0=50000.0, with_err=True):
@@ -412,7 +406,7 @@ def test_shipped_macho_sample():
 
 
 def test_shared_macho_parquet():
-    path = shared_dir() / "macho.parquet"
+    path = shared_data_dir() / "macho.parquet"
     if not path.is_file():
         pytest.skip(f"shared data absent: {path} (set ASTROMER_FAST_SHARED_DATA)")
     table = pq.read_table(path)

@@ -6,7 +6,6 @@ folder (``../shared/data`` beside the repository, or ``$ASTROMER_FAST_SHARED_DAT
 
 from __future__ import annotations
 
-import os
 import struct
 import time
 import zipfile
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import shared_data_dir
 
 from astromer_fast.weights.official import (
     infer_architecture,
@@ -38,13 +38,8 @@ SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
 V1_PARAMS = 661_505
 
 
-def shared_data() -> Path:
-    env = os.environ.get("ASTROMER_FAST_SHARED_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
 def _official_file(name: str) -> Path:
-    root = shared_data()
+    root = shared_data_dir()
     if not root.is_dir():
         pytest.skip(f"shared data not available: {root} is absent (set ASTROMER_FAST_SHARED_DATA)")
     path = root / "official_weights" / name
