@@ -34,8 +34,8 @@ def _fwd_kernel(
     RULE: tl.constexpr, HD: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m = tl.program_id(1)
+    bh = tl.program_id(0)
     b = bh // H
     base = bh.to(tl.int64) * L * HD
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -77,8 +77,8 @@ def _bwd_dkdv_kernel(
     RULE: tl.constexpr, HD: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_n = tl.program_id(1)
+    bh = tl.program_id(0)
     b = bh // H
     base = bh.to(tl.int64) * L * HD
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -120,8 +120,8 @@ def _bwd_dq_kernel(
     RULE: tl.constexpr, HD: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m = tl.program_id(1)
+    bh = tl.program_id(0)
     b = bh // H
     base = bh.to(tl.int64) * L * HD
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -155,6 +155,18 @@ def _bwd_dq_kernel(
     tl.store(DQ + qo_off, dq.to(DQ.dtype.element_ty), mask=qomask)
 
 
+def _bwd_delta_kernel(O, DO, Delta, n_rows, HD: tl.constexpr, BLOCK_D: tl.constexpr,
+                      BLOCK_R: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    rmask = rows < n_rows
+    mask = rmask[:, None] & (offs_d < HD)[None, :]
+    offs = rows.to(tl.int64)[:, None] * HD + offs_d[None, :]
+    o = tl.load(O + offs, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Delta + rows, tl.sum(o * do, 1), mask=rmask)
+
+
 _cache: dict[bool, tuple] = {}
 
 
@@ -170,7 +182,7 @@ def _kernels():
         # jitted helper of the same mode (compiled or interpreted).
         ks = tuple(
             triton.jit(type(fn)(fn.__code__, g, fn.__name__, fn.__defaults__, fn.__closure__))
-            for fn in (_fwd_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel)
+            for fn in (_fwd_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_delta_kernel)
         )
         _cache[interp] = ks
     return ks
@@ -197,24 +209,31 @@ def _all_hidden(kh: torch.Tensor) -> torch.Tensor:
 
 def forward(q, k, v, kh, rule: int, scale: float, out, lse) -> None:
     """Fill out (B, H, L, hd) and lse (B, H, L) fp32 from contiguous q, k, v and uint8 kh (B, L)."""
-    fwd, _, _ = _kernels()
+    fwd = _kernels()[0]
     B, H, L, _ = q.shape
     meta, warps = _meta(q, L)
-    grid = (triton.cdiv(L, meta["BLOCK_M"]), B * H)
+    # (b, h) on grid axis 0: axis 1 is limited to 65535, and B * H reaches 8192 * 4 and more.
+    grid = (B * H, triton.cdiv(L, meta["BLOCK_M"]))
     fwd[grid](q, k, v, kh, _all_hidden(kh), out, lse, H, L, float(scale), RULE=rule,
               num_warps=warps, **meta)
 
 
 def backward(do, q, k, v, out, lse, kh, rule: int, scale: float, dq, dk, dv) -> None:
-    _, dkdv, dqk = _kernels()
-    B, H, L, _ = q.shape
+    _, dkdv, dqk, delta_k = _kernels()
+    B, H, L, hd = q.shape
     meta, warps = _meta(q, L)
-    delta = (do.float() * out.float()).sum(-1).contiguous()
+    # rowsum(dO * O) in one pass: in PyTorch it would materialise two fp32 copies of (B, H, L, hd).
+    delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    n_rows = B * H * L
+    block_r = 16 if meta["BLOCK_M"] <= 16 else 64
+    delta_k[(triton.cdiv(n_rows, block_r),)](out, do, delta, n_rows, HD=hd,
+                                             BLOCK_D=meta["BLOCK_D"], BLOCK_R=block_r,
+                                             num_warps=warps)
     allh = _all_hidden(kh)
-    dkdv[(triton.cdiv(L, meta["BLOCK_N"]), B * H)](
+    dkdv[(B * H, triton.cdiv(L, meta["BLOCK_N"]))](
         q, k, v, kh, allh, do, lse, delta, dk, dv, H, L, float(scale), RULE=rule,
         num_warps=warps, **meta)
-    dqk[(triton.cdiv(L, meta["BLOCK_M"]), B * H)](
+    dqk[(B * H, triton.cdiv(L, meta["BLOCK_M"]))](
         q, k, v, kh, allh, do, lse, delta, dq, H, L, float(scale), RULE=rule,
         num_warps=warps, **meta)
 

@@ -208,6 +208,8 @@ def _check_op_args(q, k, v, key_hidden, rule, backend, what) -> None:
             raise TypeError(f"{what}: backend {backend!r} supports {_KERNEL_DTYPES[backend]}, got {q.dtype}")
         if q.shape[-1] % 16 != 0 or q.shape[-1] > 256:
             raise ValueError(f"{what}: backend {backend!r} needs hd a multiple of 16 and <= 256")
+        if backend == "cuda" and q.shape[-1] != 64:
+            raise ValueError(f"{what}: backend 'cuda' supports hd 64 only, got {q.shape[-1]}")
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdio>
 
 namespace astromer_fast {
 namespace cuda {
@@ -45,6 +46,20 @@ inline const char* error_message(cudaError_t err) {
 
 // The error of the last launch (cleared by reading it) as error_message() reports it.
 inline const char* launch_error() { return error_message(cudaGetLastError()); }
+
+// Same, prefixed with the kernel's name: "invalid configuration argument" alone does not say which
+// of several launches failed. The text lives in a thread-local buffer that stays valid until this
+// thread's next call, long enough for the binding to copy it into its exception.
+inline const char* named_error(const char* kernel, cudaError_t err) {
+  if (err == cudaSuccess) return nullptr;
+  thread_local char buf[256];
+  std::snprintf(buf, sizeof(buf), "%s: %s (%s)", kernel, cudaGetErrorString(err),
+                cudaGetErrorName(err));
+  return buf;
+}
+inline const char* launch_error(const char* kernel) {
+  return named_error(kernel, cudaGetLastError());
+}
 
 // Grid size for a grid-stride kernel: `wanted` blocks, but at most `blocks_per_sm` resident
 // blocks on each of the `sms` multiprocessors (the loop covers the rest), and at least one.

@@ -80,11 +80,12 @@ const char* input_embedding_forward(const InputEmbeddingArgs& a, int device, voi
     return "input_embedding: the output must be 8-byte aligned";
 
   DeviceGuard guard(device);
-  if (guard.status() != cudaSuccess) return cudaGetErrorString(guard.status());
+  if (guard.status() != cudaSuccess)
+    return detail::named_error("input_embedding: cudaSetDevice", guard.status());
 
   int sms = 0;
   const cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err != cudaSuccess) return cudaGetErrorString(err);
+  if (err != cudaSuccess) return detail::named_error("input_embedding: cudaDeviceGetAttribute", err);
   // Enough resident blocks to fill every SM; the grid-stride loop covers the rest, which also
   // amortises each block's omega table.
   const long long pairs = a.rows * (a.dim / 2);
@@ -95,7 +96,7 @@ const char* input_embedding_forward(const InputEmbeddingArgs& a, int device, voi
   input_embedding_kernel<<<blocks, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(
       a.t, a.m, a.hidden, a.w, a.b, a.token, a.base, static_cast<long long>(a.rows),
       static_cast<int>(a.dim), a.out);
-  return detail::launch_error();
+  return detail::launch_error("input_embedding_kernel");
 }
 
 int cuda_runtime_compiled_version() { return CUDART_VERSION; }

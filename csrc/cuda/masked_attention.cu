@@ -348,7 +348,7 @@ const char* check(const MaskedAttentionArgs& a) {
 }
 
 template <class T>
-cudaError_t launch_forward(const MaskedAttentionArgs& a, cudaStream_t stream) {
+const char* launch_forward(const MaskedAttentionArgs& a, cudaStream_t stream) {
   const int L = static_cast<int>(a.length);
   const int tiles = (L + kRows - 1) / kRows;
   const long long blocks = a.batch * a.heads * tiles;
@@ -356,11 +356,11 @@ cudaError_t launch_forward(const MaskedAttentionArgs& a, cudaStream_t stream) {
       static_cast<const T*>(a.q), static_cast<const T*>(a.k), static_cast<const T*>(a.v),
       a.key_hidden, static_cast<int>(a.heads), L, tiles, a.rule, a.scale,
       static_cast<T*>(a.out), a.lse);
-  return cudaGetLastError();
+  return detail::launch_error("masked_attention attn_fwd_kernel");
 }
 
 template <class T>
-cudaError_t launch_backward(const MaskedAttentionBackwardArgs& g, cudaStream_t stream) {
+const char* launch_backward(const MaskedAttentionBackwardArgs& g, cudaStream_t stream) {
   const MaskedAttentionArgs& a = g.fwd;
   const int L = static_cast<int>(a.length);
   const int tiles = (L + kRows - 1) / kRows;
@@ -370,19 +370,17 @@ cudaError_t launch_backward(const MaskedAttentionBackwardArgs& g, cudaStream_t s
   const long long dblocks = (rows + warps_per_block - 1) / warps_per_block;
   attn_delta_kernel<T><<<static_cast<unsigned>(dblocks), 32 * warps_per_block, 0, stream>>>(
       static_cast<const T*>(a.out), static_cast<const T*>(g.dout), rows, g.delta);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
+  if (const char* e = detail::launch_error("masked_attention attn_delta_kernel")) return e;
   attn_bwd_dkdv_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
       static_cast<const T*>(a.q), static_cast<const T*>(a.k), static_cast<const T*>(a.v),
       a.key_hidden, static_cast<const T*>(g.dout), a.lse, g.delta, static_cast<int>(a.heads), L,
       tiles, a.rule, a.scale, static_cast<T*>(g.dk), static_cast<T*>(g.dv));
-  err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
+  if (const char* e = detail::launch_error("masked_attention attn_bwd_dkdv_kernel")) return e;
   attn_bwd_dq_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
       static_cast<const T*>(a.q), static_cast<const T*>(a.k), static_cast<const T*>(a.v),
       a.key_hidden, static_cast<const T*>(g.dout), a.lse, g.delta, static_cast<int>(a.heads), L,
       tiles, a.rule, a.scale, static_cast<T*>(g.dq));
-  return cudaGetLastError();
+  return detail::launch_error("masked_attention attn_bwd_dq_kernel");
 }
 
 }  // namespace
@@ -393,10 +391,10 @@ const char* masked_attention_forward(const MaskedAttentionArgs& a, int device, v
   if (!a.q || !a.k || !a.v || !a.key_hidden || !a.out || !a.lse)
     return "masked_attention: null data pointer";
   DeviceGuard guard(device);
-  if (guard.status() != cudaSuccess) return cudaGetErrorString(guard.status());
+  if (guard.status() != cudaSuccess)
+    return detail::named_error("masked_attention: cudaSetDevice", guard.status());
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  return detail::error_message(a.bf16 ? launch_forward<__nv_bfloat16>(a, s)
-                                      : launch_forward<float>(a, s));
+  return a.bf16 ? launch_forward<__nv_bfloat16>(a, s) : launch_forward<float>(a, s);
 }
 
 const char* masked_attention_backward(const MaskedAttentionBackwardArgs& g, int device,
@@ -408,10 +406,10 @@ const char* masked_attention_backward(const MaskedAttentionBackwardArgs& g, int 
       !g.dv || !g.delta)
     return "masked_attention: null data pointer";
   DeviceGuard guard(device);
-  if (guard.status() != cudaSuccess) return cudaGetErrorString(guard.status());
+  if (guard.status() != cudaSuccess)
+    return detail::named_error("masked_attention: cudaSetDevice", guard.status());
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  return detail::error_message(a.bf16 ? launch_backward<__nv_bfloat16>(g, s)
-                                      : launch_backward<float>(g, s));
+  return a.bf16 ? launch_backward<__nv_bfloat16>(g, s) : launch_backward<float>(g, s);
 }
 
 }  // namespace cuda

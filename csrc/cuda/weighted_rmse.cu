@@ -139,7 +139,8 @@ const char* weighted_rmse_forward(const WeightedRmseArgs& a, int device, void* s
     return "weighted_rmse: the workspace must be 8-byte aligned";
 
   DeviceGuard guard(device);
-  if (guard.status() != cudaSuccess) return cudaGetErrorString(guard.status());
+  if (guard.status() != cudaSuccess)
+    return detail::named_error("weighted_rmse: cudaSetDevice", guard.status());
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   float2* part = reinterpret_cast<float2*>(a.workspace);
 
@@ -147,11 +148,12 @@ const char* weighted_rmse_forward(const WeightedRmseArgs& a, int device, void* s
     if (a.length == 0) {
       // No observation: no window has a probed one. Stage 2 must still see has = 0 partials.
       cudaError_t err = cudaMemsetAsync(part, 0, static_cast<size_t>(a.rows) * sizeof(float2), s);
-      if (err != cudaSuccess) return cudaGetErrorString(err);
+      if (err != cudaSuccess) return detail::named_error("weighted_rmse: cudaMemsetAsync", err);
     } else {
       int sms = 0;
       cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-      if (err != cudaSuccess) return cudaGetErrorString(err);
+      if (err != cudaSuccess)
+        return detail::named_error("weighted_rmse: cudaDeviceGetAttribute", err);
       const long long per_block = kStage1Threads / kWarp;
       const long long wanted = (a.rows + per_block - 1) / per_block;
       const int blocks = detail::capped_grid(wanted, 16, sms);
@@ -162,11 +164,11 @@ const char* weighted_rmse_forward(const WeightedRmseArgs& a, int device, void* s
       else
         weighted_rmse_windows<false><<<blocks, kStage1Threads, 0, s>>>(
             a.pred, a.target, a.err, a.probed, valid, a.rows, a.length, part, a.dir);
-      if (const char* e = detail::launch_error()) return e;
+      if (const char* e = detail::launch_error("weighted_rmse_windows")) return e;
     }
   }
   weighted_rmse_reduce<<<1, kStage2Threads, 0, s>>>(part, a.rows, a.loss, a.scale);
-  return detail::launch_error();
+  return detail::launch_error("weighted_rmse_reduce");
 }
 
 }  // namespace cuda
