@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accept a checkpoint without the regression head (classifiers)")
     c.set_defaults(func=_convert)
 
+    from astromer_fast.training.cli import add_parsers as add_training_parsers
+
+    add_training_parsers(sub)
+
     i = sub.add_parser("info", help="versions, compiled kernels, backends, packaged models")
     i.set_defaults(func=_info)
     return p

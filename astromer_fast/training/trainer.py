@@ -1,0 +1,605 @@
+"""Masked-reconstruction training: pretraining and finetuning share this loop.
+
+Per epoch, one random 200-observation window per curve (prepared on a worker thread while the
+previous epoch trains); batches of similar lengths, cut to their longest window; SPEC section 4's
+probed / same / random / masked composition generated on the training device; the official weighted
+RMSE (through the fused kernel); Adam(0.9, 0.98, 1e-9) as the official code (AdamW optional);
+linear warm-up then cosine decay (post-LayerNorm transformers diverge without warm-up); bf16
+autocast on CUDA; gradient clipping; validation RMSE/R² on the probed subset of fixed held-out
+windows; early stopping; checkpoints that resume exactly; ``metrics.csv`` and a learning-curve PNG.
+
+Exact resume: everything random is a function of (seed, epoch) or (seed, step) — the epoch's
+windows and batch order, each step's masks — except dropout, whose RNG state is checkpointed. A run
+resumed from step k therefore takes the same steps as one that never stopped.
+
+Data parallel: started under ``torchrun`` (or with a process group already initialised), every rank
+draws the same global batch and trains on its share; the loss is combined so that the gradient
+equals that of one process on the whole batch (the RMSE is not a mean over windows, so plain
+gradient averaging would not be exact).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from astromer_fast.training.data import TrainingCurves, epoch_windows, length_batches
+from astromer_fast.training.loss import probed_metrics, weighted_rmse
+from astromer_fast.training.masking import MaskFractions, masked_inputs, step_generator
+
+CHECKPOINT_DIR = "checkpoint"
+_LOSS_EPS = 1e-12  # inside the op's sqrt (see astromer_fast.kernels.weighted_rmse)
+
+
+class CheckpointError(ValueError):
+    """A training checkpoint that is missing, incomplete, corrupt or from another run."""
+
+
+@dataclass
+class TrainSettings:
+    """Every knob of the loop; saved with each checkpoint and in the model's metadata."""
+
+    batch_size: int = 256
+    lr: float = 1e-3
+    optimizer: str = "adam"  # "adam" (official) or "adamw"
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-9
+    warmup_steps: int = 500
+    schedule: str = "cosine"  # "cosine" (to min_lr_ratio * lr at the step budget) or "constant"
+    min_lr_ratio: float = 0.1
+    clip_norm: float = 1.0
+    max_epochs: int | None = None
+    max_steps: int | None = None
+    max_minutes: float | None = None
+    patience: int | None = 10  # validations without improvement before stopping (None: never)
+    val_fraction: float = 0.05
+    val_every: int = 200  # steps between validations
+    val_max_windows: int = 8192
+    checkpoint_every: int = 1000  # steps between resumable checkpoints (and at every stop)
+    seed: int = 0
+    probed_frac: float = 0.5
+    same_frac: float = 0.2
+    random_frac: float = 0.2
+    bf16: bool | None = None  # None: on when training on CUDA
+    backend: str | None = None  # kernel backend (None: fastest available)
+    length_group: int = 16  # batches sorted together by length within a shuffled span
+    max_bad_steps: int = 20  # consecutive non-finite steps before giving up
+
+    def __post_init__(self):
+        if self.optimizer not in ("adam", "adamw"):
+            raise ValueError(f"optimizer must be 'adam' or 'adamw', got {self.optimizer!r}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.fractions()  # validates them
+
+    def fractions(self) -> MaskFractions:
+        return MaskFractions(self.probed_frac, self.same_frac, self.random_frac)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainSettings":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module
+    history: list = field(default_factory=list)
+    best: dict | None = None
+    stopped: str = ""
+    out_dir: Path | None = None
+
+
+# ------------------------------------------------------------------------------------------------
+# Distributed helpers
+# ------------------------------------------------------------------------------------------------
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def setup_distributed(device: str | None = None):
+    """Initialise the process group when launched by ``torchrun`` (WORLD_SIZE > 1). Returns
+    (rank, world_size, device)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        cuda = torch.cuda.is_available() and device != "cpu"
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    d = _dist()
+    rank, world = (d.get_rank(), d.get_world_size()) if d else (0, 1)
+    if device is None:
+        device = (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+    return rank, world, torch.device(device)
+
+
+# ------------------------------------------------------------------------------------------------
+# Batches
+# ------------------------------------------------------------------------------------------------
+def _batch_tensors(w, idx, device, pin: bool):
+    """Host arrays of windows ``idx`` cut to their longest window -> device tensors."""
+    width = max(int(w.n_valid[idx].max()), 1)
+    out = {}
+    for name in ("t", "m", "err", "valid"):
+        a = torch.from_numpy(np.ascontiguousarray(getattr(w, name)[idx, :width]))
+        if pin:
+            a = a.pin_memory()
+        out[name] = a.to(device, non_blocking=pin)
+    return out
+
+
+def masked_batch(w, idx, fr: MaskFractions, generator, device, pin=False) -> dict:
+    """The tensors of one training step: inputs with masks, targets, errors, probed mask."""
+    b = _batch_tensors(w, idx, device, pin)
+    m_in, hidden, probed = masked_inputs(b["m"], b["valid"], fr, generator)
+    return dict(t=b["t"], m_in=m_in, hidden=hidden, target=b["m"], err=b["err"], probed=probed,
+                valid=b["valid"])
+
+
+def _forward_loss(model, b, s: TrainSettings, use_bf16: bool):
+    with torch.autocast(device_type=b["t"].device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        pred = model(b["t"], b["m_in"], b["hidden"], backend=s.backend)
+    pred = pred.float()
+    loss = weighted_rmse(pred, b["target"], b["err"], b["probed"], b["valid"], backend=s.backend)
+    return pred, loss
+
+
+@torch.no_grad()
+def evaluate(model, w, s: TrainSettings, device, use_bf16: bool, batch_size: int = 1024) -> dict:
+    """Validation loss (the weighted RMSE over all windows) and unweighted RMSE/R² pooled over
+    the probed observations, on fixed windows with fixed masks (every evaluation sees the same
+    task, so values are comparable across steps)."""
+    was_training = model.training
+    model.eval()
+    fr = s.fractions()
+    g = step_generator(s.seed + 99_991, 0, device)
+    sq = torch.zeros((), dtype=torch.float64, device=device)
+    nh = 0
+    ys, yhs = [], []
+    n = len(w.n_valid)
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, min(start + batch_size, n))
+        b = masked_batch(w, idx, fr, g, device)
+        pred, loss = _forward_loss(model, b, s, use_bf16)
+        has = int((b["probed"].sum(-1) > 0).sum())
+        sq += (loss.double() ** 2 - _LOSS_EPS) * has
+        nh += has
+        ys.append(b["target"][b["probed"]])
+        yhs.append(pred[b["probed"]])
+    model.train(was_training)
+    y, yh = torch.cat(ys), torch.cat(yhs)
+    met = probed_metrics(yh[None], y[None], torch.ones_like(y, dtype=torch.bool)[None])
+    met["loss"] = float(torch.sqrt(sq / max(nh, 1)))
+    return met
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints
+# ------------------------------------------------------------------------------------------------
+def _optimizer_tensors(opt) -> tuple[dict, dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"state.{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _load_optimizer(opt, tensors: dict, meta: dict):
+    state = {}
+    for name, v in tensors.items():
+        _, pid, k = name.split(".", 2)
+        state.setdefault(int(pid), {})[k] = v
+    for key, v in meta["scalars"].items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(directory, *, model, opt, sched, trainer_state: dict, settings: TrainSettings):
+    """Write a resumable checkpoint atomically (a temporary folder renamed over the old one):
+    weights and config (safetensors + JSON), optimizer state (safetensors + JSON), RNG states,
+    and the loop's position, with sha256 of every file so corruption is detected on load."""
+    from safetensors.torch import save_file
+
+    from astromer_fast.weights.pretrained import file_sha256
+
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp)
+    tens, meta = _optimizer_tensors(opt)
+    save_file(tens, str(tmp / "optimizer.safetensors"))
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, st in enumerate(torch.cuda.get_rng_state_all()):
+            rng[f"torch_cuda{i}"] = st
+    save_file(rng, str(tmp / "rng.safetensors"))
+    files = ["model.safetensors", "config.json", "optimizer.safetensors", "rng.safetensors"]
+    doc = {"format": "astromer_fast.train_checkpoint", "version": 1,
+           "settings": asdict(settings), "optimizer": meta,
+           "scheduler": sched.state_dict() if sched is not None else None,
+           **trainer_state, "sha256": {f: file_sha256(tmp / f) for f in files}}
+    (tmp / "trainer.json").write_text(json.dumps(doc, indent=1, default=_json_default))
+    old = directory.with_name(directory.name + ".old")
+    if directory.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        directory.rename(old)
+    tmp.rename(directory)
+    if old.exists():
+        shutil.rmtree(old)
+    return directory
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def read_checkpoint(directory) -> dict:
+    """Validate a checkpoint folder and return its trainer document (raises CheckpointError)."""
+    from astromer_fast.weights.pretrained import file_sha256
+
+    directory = Path(directory)
+    doc_path = directory / "trainer.json"
+    if not doc_path.is_file():
+        raise CheckpointError(f"{directory}: not a training checkpoint (no trainer.json)")
+    try:
+        doc = json.loads(doc_path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{doc_path}: unreadable ({e})") from None
+    if doc.get("format") != "astromer_fast.train_checkpoint":
+        raise CheckpointError(f"{doc_path}: not an astromer_fast training checkpoint")
+    for name, digest in doc.get("sha256", {}).items():
+        p = directory / name
+        if not p.is_file():
+            raise CheckpointError(f"{p}: missing from the checkpoint")
+        if file_sha256(p) != digest:
+            raise CheckpointError(f"{p}: corrupt (sha256 differs from the one recorded when "
+                                  "the checkpoint was written)")
+    return doc
+
+
+def _restore(directory, model, opt, sched, device) -> dict:
+    from safetensors.torch import load_file
+
+    from astromer_fast.weights.pretrained import from_pretrained, load_state_checked
+
+    doc = read_checkpoint(directory)
+    try:
+        saved = from_pretrained(directory)
+        load_state_checked(model, saved.state_dict(), source=str(directory))
+        _load_optimizer(opt, load_file(str(Path(directory) / "optimizer.safetensors"),
+                                       device=str(device)), doc["optimizer"])
+        rng = load_file(str(Path(directory) / "rng.safetensors"))
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure here means the checkpoint is unusable
+        raise CheckpointError(f"{directory}: cannot restore the checkpoint ({e})") from e
+    if sched is not None and doc.get("scheduler") is not None:
+        sched.load_state_dict(doc["scheduler"])
+    torch.set_rng_state(rng["torch_cpu"])
+    if torch.cuda.is_available():
+        states = [rng[k] for k in sorted(k for k in rng if k.startswith("torch_cuda"))]
+        if states:
+            torch.cuda.set_rng_state_all(states[: torch.cuda.device_count()])
+    return doc
+
+
+# ------------------------------------------------------------------------------------------------
+# Logging outputs
+# ------------------------------------------------------------------------------------------------
+def write_metrics_csv(rows: list, path):
+    if not rows:
+        return
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=keys)
+        wr.writeheader()
+        wr.writerows(rows)
+
+
+def plot_learning_curve(rows: list, path=None, ax=None):
+    """Training and validation loss against step, validation R² on a second axis. Returns the
+    axes; writes ``path`` (PNG) when given. Needs matplotlib (the ``plot`` extra)."""
+    import matplotlib
+
+    if ax is None:
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r["step"] for r in rows]
+    ax.plot(steps, [r.get("train_loss", np.nan) for r in rows], label="train loss")
+    ax.plot(steps, [r.get("val_loss", np.nan) for r in rows], label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("weighted RMSE (mag)")
+    ax.grid(alpha=0.3)
+    ax2 = ax.twinx()
+    ax2.plot(steps, [r.get("val_r2", np.nan) for r in rows], color="tab:green", ls="--",
+             label="validation R² (probed)")
+    ax2.set_ylabel("R²")
+    lines = ax.get_lines() + ax2.get_lines()
+    ax.legend(lines, [ln.get_label() for ln in lines], loc="upper right", fontsize=8)
+    if fig is not None:
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path, dpi=110)
+        plt.close(fig)
+    return ax
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop
+# ------------------------------------------------------------------------------------------------
+def _lr_lambda(s: TrainSettings, total_steps: int | None):
+    def f(step):
+        warm = min(1.0, (step + 1) / max(1, s.warmup_steps)) if s.warmup_steps else 1.0
+        if s.schedule == "constant" or not total_steps:
+            return warm
+        prog = min(1.0, step / max(1, total_steps))
+        return warm * (s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * prog)))
+
+    return f
+
+
+def train(model, train_curves: TrainingCurves, val_curves: TrainingCurves | None, out_dir=None,
+          *, settings: TrainSettings | None = None, resume: bool = False, device=None,
+          log=print, metadata: dict | None = None, on_step=None) -> TrainResult:
+    """Train ``model`` with the masked objective. Writes into ``out_dir`` (when given): the best
+    model by validation loss (``save_pretrained``), ``checkpoint/`` (resumable), ``metrics.csv``
+    and ``learning_curve.png``. ``resume=True`` continues from ``out_dir/checkpoint``.
+    ``on_step(state)``, if given, is called after every step (custom logging, or to stop a run:
+    an exception raised there propagates, like an interruption)."""
+    s = settings or TrainSettings()
+    rank, world, dev = setup_distributed(device)
+    main = rank == 0
+    log = log if (main and log) else (lambda *a, **k: None)
+    out_dir = Path(out_dir) if out_dir is not None else None
+    if out_dir is not None and main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    if len(train_curves) == 0:
+        raise ValueError("no training curves left after cleaning and filtering")
+
+    torch.manual_seed(s.seed)
+    model = model.to(dev).train()
+    use_bf16 = (dev.type == "cuda") if s.bf16 is None else bool(s.bf16)
+    fr = s.fractions()
+    n_train = len(train_curves)
+    steps_per_epoch = math.ceil(n_train / s.batch_size)
+    budget = s.max_steps or (s.max_epochs * steps_per_epoch if s.max_epochs else None)
+    if s.max_minutes and not budget:
+        budget = None  # a wall-clock budget: cosine over an unknown length degrades to constant
+    kw = dict(lr=s.lr, betas=(s.beta1, s.beta2), eps=s.eps, weight_decay=s.weight_decay)
+    if dev.type == "cuda":
+        kw["fused"] = True
+    opt = (torch.optim.AdamW if s.optimizer == "adamw" else torch.optim.Adam)(
+        model.parameters(), **kw)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(s, budget))
+    ddp_model = model
+    d = _dist()
+    if d is not None and world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp_model = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda"
+                                            else None)
+
+    val_w = None
+    if val_curves is not None and len(val_curves):
+        val_w = epoch_windows(val_curves.curves, s.seed + 777)
+        if len(val_w.n_valid) > s.val_max_windows:
+            keep = np.random.default_rng(s.seed).choice(len(val_w.n_valid), s.val_max_windows,
+                                                        replace=False)
+            val_w = _take_windows(val_w, np.sort(keep))
+
+    state = dict(step=0, epoch=0, batch_in_epoch=0, windows=0, seconds=0.0, best=None,
+                 bad_validations=0, history=[], bad_steps=0, run_loss=0.0, run_n=0)
+    ckpt_dir = out_dir / CHECKPOINT_DIR if out_dir is not None else None
+    if resume:
+        if ckpt_dir is None or not ckpt_dir.exists():
+            raise CheckpointError(f"--resume: no checkpoint in {ckpt_dir}")
+        doc = _restore(ckpt_dir, model, opt, sched, dev)
+        for k in state:
+            if k in doc:
+                state[k] = doc[k]
+        log(f"resumed from {ckpt_dir} at step {state['step']} (epoch {state['epoch']}, "
+            f"batch {state['batch_in_epoch']})")
+
+    pin = dev.type == "cuda"
+    pool = ThreadPoolExecutor(max_workers=1)
+    t_start = time.perf_counter() - state["seconds"]
+    deadline = None if not s.max_minutes else time.perf_counter() + 60 * s.max_minutes
+    # Mean training loss since the last validation, kept on the device (no sync per step).
+    run_loss = torch.full((), float(state["run_loss"]), device=dev)
+    run_n = int(state["run_n"])
+    stopped = ""
+    last_rate_t, last_rate_w = time.perf_counter(), state["windows"]
+
+    def epoch_seed(e):
+        return s.seed * 100_003 + e
+
+    def make_epoch(e):
+        w = epoch_windows(train_curves.curves, epoch_seed(e))
+        return w, length_batches(w.n_valid, s.batch_size, epoch_seed(e) + 1, s.length_group)
+
+    def checkpoint():
+        if ckpt_dir is None or not main:
+            return
+        state["seconds"] = time.perf_counter() - t_start
+        state["run_loss"], state["run_n"] = float(run_loss), run_n
+        save_checkpoint(ckpt_dir, model=model, opt=opt, sched=sched, trainer_state=state,
+                        settings=s)
+
+    def validate(train_loss):
+        nonlocal last_rate_t, last_rate_w
+        now = time.perf_counter()
+        rate = (state["windows"] - last_rate_w) / max(now - last_rate_t, 1e-9)
+        row = dict(step=state["step"], epoch=state["epoch"], windows=state["windows"],
+                   seconds=round(now - t_start, 2), lr=sched.get_last_lr()[0],
+                   train_loss=train_loss, windows_per_s=round(rate, 1))
+        if val_w is not None:  # every rank, so that every rank takes the same stop decision
+            met = evaluate(model, val_w, s, dev, use_bf16)
+            row.update(val_loss=met["loss"], val_rmse=met["rmse"], val_r2=met["r2"])
+        state["history"].append(row)
+        log(json.dumps(row))
+        improved = False
+        if "val_loss" in row:
+            if state["best"] is None or row["val_loss"] < state["best"]["val_loss"]:
+                state["best"] = dict(row)
+                state["bad_validations"] = 0
+                improved = True
+            else:
+                state["bad_validations"] += 1
+        if out_dir is not None and main:
+            if improved or val_w is None:
+                model.save_pretrained(out_dir, metadata={
+                    "training": asdict(s), **(metadata or {}), "step": row["step"],
+                    "val_loss": row.get("val_loss"), "val_rmse": row.get("val_rmse"),
+                    "val_r2": row.get("val_r2"), "device": str(dev),
+                    "windows_seen": row["windows"]})
+            write_metrics_csv(state["history"], out_dir / "metrics.csv")
+        last_rate_t, last_rate_w = time.perf_counter(), state["windows"]
+        return row
+
+    future = pool.submit(make_epoch, state["epoch"])
+    try:
+        while not stopped:
+            w, batches = future.result()
+            if s.max_epochs is None or state["epoch"] + 1 < s.max_epochs:
+                future = pool.submit(make_epoch, state["epoch"] + 1)
+            for bi in range(state["batch_in_epoch"], len(batches)):
+                idx = batches[bi]
+                # Every rank draws the same global batch and masks, then keeps its rows: the run
+                # is the same computation on 1 or N processes.
+                g = step_generator(s.seed, state["step"], dev)
+                b = masked_batch(w, idx, fr, g, dev, pin)
+                if world > 1:
+                    b = {k: (v[rank::world] if v is not None else None) for k, v in b.items()}
+                _, loss = _forward_loss(ddp_model, b, s, use_bf16)
+                if world > 1:
+                    loss_for_grad, loss_value = _global_loss(loss, b["probed"], world, dev)
+                else:
+                    loss_for_grad = loss_value = loss
+                opt.zero_grad(set_to_none=True)
+                loss_for_grad.backward()
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.clip_norm)
+                if not torch.isfinite(norm) or not torch.isfinite(loss_value):
+                    # NaN/inf gradients: refuse the update rather than poison the weights.
+                    state["bad_steps"] += 1
+                    log(f"step {state['step']}: non-finite loss or gradient; update refused "
+                        f"({state['bad_steps']} in a row)")
+                    if state["bad_steps"] >= s.max_bad_steps:
+                        raise FloatingPointError(
+                            f"{state['bad_steps']} consecutive non-finite steps at step "
+                            f"{state['step']}: check the data (NaN/inf/zero errors) and the lr")
+                    opt.zero_grad(set_to_none=True)
+                    with warnings.catch_warnings():  # the schedule follows steps, taken or not
+                        warnings.simplefilter("ignore", UserWarning)
+                        sched.step()
+                else:
+                    state["bad_steps"] = 0
+                    opt.step()
+                    run_loss += loss_value.detach()
+                    run_n += 1
+                    sched.step()
+                state["step"] += 1
+                state["batch_in_epoch"] = bi + 1
+                state["windows"] += len(idx)
+                out_of_time = deadline is not None and time.perf_counter() > deadline
+                if deadline is not None and world > 1:  # ranks' clocks differ: rank 0 decides
+                    flag = torch.tensor([float(out_of_time)], device=dev)
+                    d.broadcast(flag, 0)
+                    out_of_time = bool(flag.item())
+                out_of_steps = s.max_steps is not None and state["step"] >= s.max_steps
+                if state["step"] % s.val_every == 0 or out_of_time or out_of_steps:
+                    train_loss = float(run_loss / max(run_n, 1))
+                    run_loss.zero_()
+                    run_n = 0
+                    validate(train_loss)
+                    if s.patience is not None and state["bad_validations"] >= s.patience:
+                        stopped = f"early stop: no improvement in {s.patience} validations"
+                if out_of_time and not stopped:
+                    stopped = f"time budget of {s.max_minutes} min reached"
+                if out_of_steps and not stopped:
+                    stopped = f"step budget of {s.max_steps} reached"
+                if stopped or state["step"] % s.checkpoint_every == 0:
+                    checkpoint()
+                if on_step is not None:
+                    on_step(state)
+                if stopped:
+                    break
+            else:
+                state["epoch"] += 1
+                state["batch_in_epoch"] = 0
+                if s.max_epochs is not None and state["epoch"] >= s.max_epochs:
+                    if not state["history"] or state["history"][-1]["step"] != state["step"]:
+                        validate(float(run_loss / max(run_n, 1)))
+                    stopped = f"epoch budget of {s.max_epochs} reached"
+                    checkpoint()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    log(f"stopped: {stopped} at step {state['step']} after "
+        f"{time.perf_counter() - t_start:.1f} s")
+    if out_dir is not None and main and state["history"]:
+        try:
+            plot_learning_curve(state["history"], out_dir / "learning_curve.png")
+        except ImportError:
+            log("matplotlib not installed: learning_curve.png not written (pip install "
+                "'astromer-fast[plot]')")
+    return TrainResult(model, state["history"], state["best"], stopped, out_dir)
+
+
+def _global_loss(local_loss, probed, world, dev):
+    """The whole-batch RMSE across ranks and a surrogate whose gradient, after DDP's averaging,
+    equals the whole-batch gradient: loss = sqrt(S / N), S = sum over ranks of sum_b mse_b."""
+    import torch.distributed as dist
+
+    n_local = (probed.sum(-1) > 0).sum().to(torch.float64)
+    s_local = (local_loss.double() ** 2 - _LOSS_EPS) * n_local
+    tot = torch.stack([s_local.detach(), n_local])
+    dist.all_reduce(tot)
+    S, N = tot[0], tot[1].clamp_min(1)
+    L = torch.sqrt(S / N + _LOSS_EPS)
+    surrogate = (world * s_local / (2 * L * N)).float()
+    return surrogate, L.float()
+
+
+def _take_windows(w, idx):
+    from dataclasses import replace
+
+    arrays = {k: getattr(w, k)[idx] for k in ("t", "m", "err", "valid", "curve", "start",
+                                              "n_valid", "t_mean", "m_mean")
+              if getattr(w, k) is not None}
+    return replace(w, **arrays)
