@@ -42,7 +42,8 @@ import pyarrow.parquet as pq
 import torch
 
 from astromer_fast.embedding.device import Timers, WindowEncoder
-from astromer_fast.embedding.stream import InputFileError, Job, Producer, open_job
+from astromer_fast.data.layouts import detect_layout
+from astromer_fast.embedding.stream import InputFileError, Job, Producer, open_job, prepare
 
 REJECTS_SCHEMA = pa.schema([("id", pa.string()), ("band", pa.string()), ("n_obs", pa.int32()),
                             ("reason", pa.string())])
@@ -209,7 +210,8 @@ def _metadata(model, *, window_mode, min_obs, layout=None, layers=False, per_win
 
 
 def _chunk_tables(chunk, res, d, n_layers, per_window):
-    """(embeddings table, rejects table) of one chunk, curves in input order."""
+    """(embeddings columns, rejects table, (curve index of each embeddings row, of each rejects
+    row)) of one chunk, curves in input order."""
     curve_emb, curve_layers, win_emb, win_layers = res
     ok = chunk.windows_per_curve > 0
     finite = np.isfinite(curve_emb).all(axis=1)
@@ -228,9 +230,10 @@ def _chunk_tables(chunk, res, d, n_layers, per_window):
         keep_w = np.flatnonzero(ok[curve_of])
         src = inv[keep_w]
         first = np.concatenate([[0], np.cumsum(chunk.windows_per_curve)[:-1]])
-        cols = {"id": chunk.ids.take(pa.array(curve_of[keep_w])),
-                "band": chunk.bands.take(pa.array(curve_of[keep_w])),
-                "window": pa.array((keep_w - first[curve_of[keep_w]]).astype(np.int32)),
+        row_curve = curve_of[keep_w]
+        cols = {"id": chunk.ids.take(pa.array(row_curve)),
+                "band": chunk.bands.take(pa.array(row_curve)),
+                "window": pa.array((keep_w - first[row_curve]).astype(np.int32)),
                 "start": pa.array(chunk.start[src].astype(np.int32)),
                 "n_valid": pa.array(chunk.n_valid_sorted[src].astype(np.int32)),
                 "embedding": _fixed(win_emb[src], d)}
@@ -238,6 +241,7 @@ def _chunk_tables(chunk, res, d, n_layers, per_window):
             cols["layers"] = _layers_array(win_layers[src], d, n_layers)
     else:
         keep = np.flatnonzero(ok)
+        row_curve = keep
         cols = {"id": chunk.ids.take(pa.array(keep)), "band": chunk.bands.take(pa.array(keep)),
                 "n_obs": pa.array(chunk.n_obs[keep].astype(np.int32)),
                 "n_windows": pa.array(chunk.windows_per_curve[keep].astype(np.int32)),
@@ -250,7 +254,62 @@ def _chunk_tables(chunk, res, d, n_layers, per_window):
                         "n_obs": pa.array(chunk.n_in[ridx].astype(np.int32)),
                         "reason": pa.array([r for _, r in reasons], pa.string())},
                        schema=REJECTS_SCHEMA)
-    return cols, rejects
+    return cols, rejects, (row_curve, ridx)
+
+
+class BatchEmbedder:
+    """The per-batch step of :func:`embed`, for engines that bring their own batches
+    (``astromer_fast.distributed``): one model loaded once, then record batches (or tables) ->
+    decode, clean, window (``stream.prepare``) -> model and pooling (``WindowEncoder``) -> the
+    output and rejects tables exactly as ``embed`` writes them. Keywords as ``embed``."""
+
+    def __init__(self, model=None, *, device=None, batch_size: int = 256,
+                 window_mode: str = "overlap", min_obs: int = 5, id_col=None, band_col=None,
+                 lightcurve_col=None, time_col=None, mag_col=None, err_col=None, layout=None,
+                 bands=None, layers: bool = False, per_window: bool = False,
+                 timers: Timers | None = None):
+        from astromer_fast.weights import load_model
+
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.net = load_model(model, device=self.device)
+        self.net.eval()
+        self.per_window = per_window
+        self.d = self.net.config.d_model
+        self.n_layers = self.net.config.n_blocks + 1 if layers else None
+        self.bands = None if bands is None else ([bands] if isinstance(bands, str)
+                                                 else list(bands))
+        self.layout_kw = dict(id_col=id_col, time_col=time_col, mag_col=mag_col, err_col=err_col,
+                              band_col=band_col, lightcurve_col=lightcurve_col, layout=layout)
+        self.prep_kw = dict(window=self.net.config.window, window_mode=window_mode,
+                            min_obs=min_obs, cuda=self.device.type == "cuda", bands=self.bands)
+        self.meta_kw = dict(window_mode=window_mode, min_obs=min_obs, layers=layers,
+                            per_window=per_window, bands=self.bands, sha=_weights_sha256(self.net))
+        self.timers = timers if timers is not None else Timers()
+        self.encoder = WindowEncoder(self.net, self.device, batch_size=batch_size, layers=layers,
+                                     timers=self.timers)
+
+    def detect(self, schema: pa.Schema, where: str = "input"):
+        return detect_layout(schema, where, **self.layout_kw)
+
+    def metadata(self, layout=None) -> dict:
+        return _metadata(self.net, layout=layout, **self.meta_kw)
+
+    def schema(self, layout=None) -> pa.Schema:
+        return output_schema(self.d, self.n_layers, self.per_window, self.metadata(layout))
+
+    def prepare(self, batch, layout, timers: Timers | None = None):
+        return prepare(batch, layout, timers=self.timers if timers is None else timers,
+                       **self.prep_kw)
+
+    def embed_chunk(self, chunk, schema: pa.Schema, with_index: bool = False):
+        """(embeddings, rejects) tables of a prepared chunk; with ``with_index``, also the chunk
+        curve index of every row of each, to interleave them back into input order."""
+        res = self.encoder.run(chunk, per_window=self.per_window)
+        t0 = time.perf_counter()
+        cols, rejects, index = _chunk_tables(chunk, res, self.d, self.n_layers, self.per_window)
+        table = pa.table(cols, schema=schema)
+        self.timers.add("write", time.perf_counter() - t0)
+        return (table, rejects, index) if with_index else (table, rejects)
 
 
 def embed(source, output=None, *, model=None, batch_size: int = 256, device=None,
@@ -285,24 +344,14 @@ def embed(source, output=None, *, model=None, batch_size: int = 256, device=None
     """
     from tqdm.auto import tqdm
 
-    from astromer_fast.weights import load_model
-
     start_time = time.perf_counter()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    net = load_model(model, device=device)
-    net.eval()
-    d, n_layers = net.config.d_model, (net.config.n_blocks + 1 if layers else None)
-    bands = None if bands is None else ([bands] if isinstance(bands, str) else list(bands))
-    layout_kw = dict(id_col=id_col, time_col=time_col, mag_col=mag_col, err_col=err_col,
-                     band_col=band_col, lightcurve_col=lightcurve_col, layout=layout)
-    prep_kw = dict(window=net.config.window, window_mode=window_mode, min_obs=min_obs,
-                   cuda=device.type == "cuda", bands=bands)
-    sha = _weights_sha256(net)
-    meta_kw = dict(window_mode=window_mode, min_obs=min_obs, layers=layers,
-                   per_window=per_window, bands=bands, sha=sha)
+    be = BatchEmbedder(model, device=device, batch_size=batch_size, window_mode=window_mode,
+                       min_obs=min_obs, id_col=id_col, band_col=band_col,
+                       lightcurve_col=lightcurve_col, time_col=time_col, mag_col=mag_col,
+                       err_col=err_col, layout=layout, bands=bands, layers=layers,
+                       per_window=per_window)
+    d, n_layers, layout_kw, prep_kw, timers = be.d, be.n_layers, be.layout_kw, be.prep_kw, be.timers
     summary = EmbedSummary()
-    timers = Timers()
-    encoder = WindowEncoder(net, device, batch_size=batch_size, layers=layers, timers=timers)
 
     in_memory = isinstance(source, (pa.Table, pa.RecordBatch))
     if in_memory:
@@ -341,7 +390,7 @@ def embed(source, output=None, *, model=None, batch_size: int = 256, device=None
         for item in producer:
             kind, job = item[0], item[1]
             if kind == "start":
-                meta = _metadata(net, layout=item[2], **meta_kw)
+                meta = be.metadata(item[2])
                 metas.append(meta)
                 dest = rdest = None
                 if out_dir is not None:
@@ -350,10 +399,8 @@ def embed(source, output=None, *, model=None, batch_size: int = 256, device=None
                 file_counts = [0, 0, 0, 0]
             elif kind == "chunk":
                 chunk = item[2]
-                res = encoder.run(chunk, per_window=per_window)
+                tbl, rejects = be.embed_chunk(chunk, sink.schema)
                 t0 = time.perf_counter()
-                cols, rejects = _chunk_tables(chunk, res, d, n_layers, per_window)
-                tbl = pa.table(cols, schema=sink.schema)
                 sink.write(tbl, rejects)
                 timers.add("write", time.perf_counter() - t0)
                 n_emb = chunk.n_curves - rejects.num_rows
@@ -399,7 +446,7 @@ def embed(source, output=None, *, model=None, batch_size: int = 256, device=None
         print(summary)
     if out_dir is not None:
         return summary
-    meta = metas[0] if metas else _metadata(net, **meta_kw)
+    meta = metas[0] if metas else be.metadata()
     schema = output_schema(d, n_layers, per_window, meta)
     table = pa.concat_tables([t.cast(schema) if t.schema != schema else t for t in collected]) \
         if collected else schema.empty_table()
