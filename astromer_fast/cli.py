@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 
 def _embed(args):
     from astromer_fast.embedding import embed
 
+    if args.engine == "ray":
+        try:
+            from astromer_fast.distributed.ray import embed_files
+        except ImportError as e:  # reported like a bad argument: a message, not a traceback
+            raise ValueError(str(e)) from e
+        # Same options and outputs as the local run; the actors each run the local code.
+        embed = functools.partial(embed_files, address=args.address, actors=args.actors,
+                                  num_gpus_per_actor=args.num_gpus_per_actor)
+    elif args.address or args.actors or args.num_gpus_per_actor is not None:
+        raise ValueError("--address, --actors and --num-gpus-per-actor need --engine ray")
     summary = embed(args.inputs, args.output, model=args.model, batch_size=args.batch_size,
                     device=args.device, window_mode=args.window_mode, min_obs=args.min_obs,
                     id_col=args.id_col, band_col=args.band_col, lightcurve_col=args.lc_col,
@@ -93,6 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--continue-on-error", action="store_true",
                    help="report an unreadable file and go on with the others")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    e.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: this process; ray: a pool of Ray actors (pip install "
+                   "'astromer-fast[ray]'), the same output files")
+    e.add_argument("--address", default=None,
+                   help="Ray cluster to join ('auto': the one `ray start` runs here; default: "
+                   "RAY_ADDRESS, else a new local cluster)")
+    e.add_argument("--num-gpus-per-actor", type=float, default=None,
+                   help="GPUs per Ray actor (default 1 when the cluster has GPUs, else 0)")
+    e.add_argument("--actors", type=int, default=None,
+                   help="Ray actors (default: one per GPU, or one per CPU without GPUs)")
     e.set_defaults(func=_embed)
 
     c = sub.add_parser("convert", help="convert a released TensorFlow checkpoint to safetensors")
