@@ -127,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_training_parsers(sub)
 
+    from astromer_fast.evaluation.cli import add_parser as add_evaluate_parser
+
+    add_evaluate_parser(sub)
+
     i = sub.add_parser("info", help="versions, compiled kernels, backends, packaged models")
     i.set_defaults(func=_info)
     return p

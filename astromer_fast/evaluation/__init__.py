@@ -1,0 +1,1 @@
+"""Downstream evaluation: the paper's few-label classification protocol."""
