@@ -8,26 +8,26 @@ import sys
 
 
 def _embed(args):
-    from astromer_fast.embedding import embed
-
     if args.engine == "ray":
         try:
             from astromer_fast.distributed.ray import embed_files
         except ImportError as e:  # reported like a bad argument: a message, not a traceback
             raise ValueError(str(e)) from e
         # Same options and outputs as the local run; the actors each run the local code.
-        embed = functools.partial(embed_files, address=args.address, actors=args.actors,
-                                  num_gpus_per_actor=args.num_gpus_per_actor)
+        run = functools.partial(embed_files, address=args.address, actors=args.actors,
+                                num_gpus_per_actor=args.num_gpus_per_actor)
     elif args.address or args.actors or args.num_gpus_per_actor is not None:
         raise ValueError("--address, --actors and --num-gpus-per-actor need --engine ray")
-    summary = embed(args.inputs, args.output, model=args.model, batch_size=args.batch_size,
-                    device=args.device, window_mode=args.window_mode, min_obs=args.min_obs,
-                    id_col=args.id_col, band_col=args.band_col, lightcurve_col=args.lc_col,
-                    time_col=args.time_col, mag_col=args.mag_col, err_col=args.err_col,
-                    layout=args.layout, bands=args.band, layers=args.layers,
-                    per_window=args.per_window, read_batch_rows=args.read_rows,
-                    resume=args.resume, continue_on_error=args.continue_on_error,
-                    progress=not args.quiet)
+    else:
+        from astromer_fast.embedding import embed as run
+    summary = run(args.inputs, args.output, model=args.model, batch_size=args.batch_size,
+                  device=args.device, window_mode=args.window_mode, min_obs=args.min_obs,
+                  id_col=args.id_col, band_col=args.band_col, lightcurve_col=args.lc_col,
+                  time_col=args.time_col, mag_col=args.mag_col, err_col=args.err_col,
+                  layout=args.layout, bands=args.band, layers=args.layers,
+                  per_window=args.per_window, read_batch_rows=args.read_rows,
+                  resume=args.resume, continue_on_error=args.continue_on_error,
+                  progress=not args.quiet)
     for src, why in summary.failed:
         print(f"FAILED {why[len('error: '):] if why.startswith('error: ') else src}",
               file=sys.stderr)
