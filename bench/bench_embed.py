@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,14 +35,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import astromer_fast  # noqa: E402
-from astromer_fast import Astromer, AstromerConfig  # noqa: E402
-from astromer_fast.data import Curves  # noqa: E402
-from astromer_fast.data.layouts import detect_layout  # noqa: E402
-from astromer_fast.embedding.stream import prepare  # noqa: E402
-from astromer_fast.model import masked_mean  # noqa: E402
+# The installed package (with its compiled kernels) is what is measured, never the source tree.
+import astromer_fast
+from astromer_fast import Astromer, AstromerConfig
+from astromer_fast.data import Curves
+from astromer_fast.data.layouts import detect_layout
+from astromer_fast.embedding.stream import prepare
+from astromer_fast.model import masked_mean
 
 
 def generate(path: Path, n_curves: int, lo: int, hi: int, seed: int = 0):

@@ -75,6 +75,7 @@ class TrainSettings:
     random_frac: float = 0.2
     bf16: bool | None = None  # None: on when training on CUDA
     backend: str | None = None  # kernel backend (None: fastest available)
+    sdpa: bool = False  # attention through torch's SDPA instead of the masked_attention op
     length_group: int = 16  # batches sorted together by length within a shuffled span
     max_bad_steps: int = 20  # consecutive non-finite steps before giving up
 
@@ -135,9 +136,11 @@ def setup_distributed(device: str | None = None):
 # ------------------------------------------------------------------------------------------------
 # Batches
 # ------------------------------------------------------------------------------------------------
-def _batch_tensors(w, idx, device, pin: bool):
-    """Host arrays of windows ``idx`` cut to their longest window -> device tensors."""
-    width = max(int(w.n_valid[idx].max()), 1)
+def _batch_tensors(w, idx, device, pin: bool, multiple: int = 16):
+    """Host arrays of windows ``idx`` cut to their longest window (rounded up to ``multiple``:
+    fewer distinct shapes for kernel caches, aligned tiles) -> device tensors."""
+    longest = max(int(w.n_valid[idx].max()), 1)
+    width = min(w.t.shape[1], -(-longest // multiple) * multiple)
     out = {}
     for name in ("t", "m", "err", "valid"):
         a = torch.from_numpy(np.ascontiguousarray(getattr(w, name)[idx, :width]))
@@ -157,7 +160,7 @@ def masked_batch(w, idx, fr: MaskFractions, generator, device, pin=False) -> dic
 
 def _forward_loss(model, b, s: TrainSettings, use_bf16: bool):
     with torch.autocast(device_type=b["t"].device.type, dtype=torch.bfloat16, enabled=use_bf16):
-        pred = model(b["t"], b["m_in"], b["hidden"], backend=s.backend)
+        pred = model(b["t"], b["m_in"], b["hidden"], backend=s.backend, use_sdpa=s.sdpa)
     pred = pred.float()
     loss = weighted_rmse(pred, b["target"], b["err"], b["probed"], b["valid"], backend=s.backend)
     return pred, loss
