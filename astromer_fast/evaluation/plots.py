@@ -84,11 +84,16 @@ def tsne_2d(x, seed: int = 0, perplexity: float = 30.0, learning_rate: float = 1
     """t-SNE of (N, D) with the paper's settings (perplexity 30, learning rate 1000); the
     perplexity is lowered for small N (it must stay below N)."""
     from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
 
     x = np.asarray(x, dtype=np.float64)
     perp = float(min(perplexity, max(2.0, (len(x) - 1) / 3)))
-    return TSNE(n_components=2, perplexity=perp, learning_rate=learning_rate, init="pca",
-                random_state=seed).fit_transform(x)
+    tsne = TSNE(n_components=2, perplexity=perp, learning_rate=learning_rate, init="pca",
+                random_state=seed)
+    # One OpenMP thread: the Barnes-Hut gradient of a few hundred points is tiny per iteration,
+    # and with a thread team on a shared machine it ran 15x slower (measured on 2 busy cores).
+    with threadpool_limits(limits=1):
+        return tsne.fit_transform(x)
 
 
 def plot_scatter_classes(xy, labels, classes, ax=None, title: str = "", legend: bool = True):
