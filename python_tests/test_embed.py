@@ -423,3 +423,28 @@ def test_peak_memory_does_not_grow_with_input_size(tiny_model_dir, tmp_path):
     # windows); a pipeline that held it would grow by that. Bounded: the peak stays flat
     # (measured here: +2 to +20 MB, from chunk-to-chunk variation).
     assert peaks["big"] < peaks["small"] + 40, peaks
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_cuda_graphs_match_eager():
+    from astromer_fast.embedding.device import WindowEncoder
+
+    torch.manual_seed(0)
+    model = Astromer().cuda().eval()
+    graphed = WindowEncoder(model, "cuda", batch_size=64, cuda_graphs=True)
+    eager = WindowEncoder(model, "cuda", batch_size=64, cuda_graphs=False)
+    for n, width in [(64, 200), (37, 200), (64, 23), (5, 1), (64, 130)]:
+        n_valid = torch.randint(1, width + 1, (n,), device="cuda")
+        n_valid[0] = width
+        valid = torch.arange(width, device="cuda")[None] < n_valid[:, None]
+        t = torch.randn(n, width, device="cuda") * 100 * valid
+        m = torch.randn(n, width, device="cuda") * valid
+        with torch.inference_mode():
+            a = graphed.pooled(t, m, valid)
+            b = eager.pooled(t, m, valid)
+        assert a.shape == b.shape == (n, 256)
+        assert torch.isfinite(a).all()
+        rel = ((a - b).norm() / b.norm()).item()
+        assert rel < 2e-2, (n, width, rel)
+    assert graphed.graphs is not None and not graphed.graphs.failed
+    assert len(graphed.graphs.entries) >= 3
