@@ -36,6 +36,13 @@ void weighted_rmse_forward(std::uintptr_t pred, bool pred_bf16, std::uintptr_t t
   cpu::weighted_rmse_forward(a, num_threads);
 }
 
+void weighted_rmse_backward(std::uintptr_t dir, double grad_loss, double scale, std::uintptr_t grad,
+                            bool grad_bf16, std::int64_t n, int num_threads) {
+  cpu::weighted_rmse_backward(as_ptr<const float>(dir), static_cast<float>(grad_loss),
+                              static_cast<float>(scale), as_ptr<void>(grad), grad_bf16, n,
+                              num_threads);
+}
+
 void masked_attention_forward(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
                               std::uintptr_t key_hidden, std::int64_t batch, std::int64_t heads,
                               std::int64_t length, std::int64_t head_dim, int rule, double scale,
@@ -85,6 +92,12 @@ PYBIND11_MODULE(_C, mod) {
           py::arg("pred"), py::arg("pred_bf16"), py::arg("target"), py::arg("err"),
           py::arg("probed"), py::arg("valid"), py::arg("rows"), py::arg("length"), py::arg("loss"),
           py::arg("scale"), py::arg("dir"), py::arg("num_threads") = 1,
+          py::call_guard<py::gil_scoped_release>());
+  mod.def("weighted_rmse_backward", &weighted_rmse_backward,
+          "Backward of weighted_rmse_forward: grad = dir * float32(grad_loss * scale) on n host "
+          "floats, written as float32 or (grad_bf16) bfloat16, rounded as torch rounds them.",
+          py::arg("dir"), py::arg("grad_loss"), py::arg("scale"), py::arg("grad"),
+          py::arg("grad_bf16"), py::arg("n"), py::arg("num_threads") = 1,
           py::call_guard<py::gil_scoped_release>());
   mod.def("masked_attention_forward", &masked_attention_forward,
           "Masked attention (SPEC.md section 3) on float32 (B, H, L, hd) host buffers: writes out "

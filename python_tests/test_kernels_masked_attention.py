@@ -269,28 +269,133 @@ def test_triton_fwd_bwd_under_interpreter(run_triton_interpreted):
 
 
 # ------------------------------------------------------------------------------------------------
-# GPU (skipped here: no GPU on the CI machine)
+# GPU: every kernel backend available on CUDA, fp32 and bf16, against the float64 oracle
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU on this machine")
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# Errors are max |got - want| / max |want|, max |want| floored (outputs 1e-3, gradients 0.1) so that
+# an all-zero reference, e.g. dq and dk when L = 1 (rounding leaves ~1e-7 there), is compared
+# absolutely. fp32 kernels: ~1e-6 (fp32 accumulation over
+# <= 256 * 64 terms); bf16 kernels: P and dS are rounded to bf16 before their products and the
+# outputs are bf16, ~2^-8 each: an emulation of exactly those roundings gives 2e-3 .. 7e-3.
+GPU_BACKENDS = ([b for b in available_backends("cuda") if b != "torch"] if HAS_CUDA
+                else ["cuda", "triton"])
+GPU_TOL = {torch.float32: dict(out=2e-5, lse=1e-5, grad=5e-5),
+           torch.bfloat16: dict(out=1e-2, lse=1e-4, grad=2e-2)}
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU on this machine")
+
+
+def rel_err(got, want, floor=1e-3):
+    want = want.double().cpu()
+    return ((got.double().cpu() - want).abs().max() / want.abs().max().clamp_min(floor)).item()
+
+
+def grad_err(got, want):
+    return rel_err(got, want, floor=0.1)
+
+
+def gpu_case(B, L, dtype, seed):
+    """Inputs on the GPU (q, k, v exactly representable in dtype), do rounded to dtype, and the
+    float64 oracle's out, lse and gradients at those values (computed on the CPU)."""
+    q, k, v, kh = make_inputs(B, L, seed=seed)
+    q, k, v = (x.to(dtype).float() for x in (q, k, v))
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype).float()
+    return q, k, v, kh, do
+
+
+def _kernel_runners():
+    import importlib
+
+    # (the package re-exports the function masked_attention under the module's name)
+    ma = importlib.import_module("astromer_fast.kernels.masked_attention")
+    return ma._FWD, ma._BWD
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("rule", RULES)
-def test_gpu_backends_match_float64(backend, dtype, rule):
-    if backend not in available_backends("cuda"):
-        pytest.skip(f"backend {backend!r} unavailable on CUDA here")
-    tol = 1e-5 if dtype == torch.float32 else 3e-2
-    for L in LENGTHS:
-        q, k, v, kh = make_inputs(3, L, seed=L, device="cuda")
-        qd, kd, vd = (x.to(dtype) for x in (q, k, v))
-        out, lse = _masked_attention_fwd(qd, kd, vd, kh, rule, backend)
-        want, want_lse = oracle(qd.float(), kd.float(), vd.float(), kh, rule)
-        assert (out.double() - want).abs().max().item() < tol, L
-        assert (lse.double() - want_lse).abs().max().item() < max(tol, 1e-5), L
-        do = torch.randn_like(q)
-        g = grads(lambda *x: _masked_attention_fwd(*x, kh, rule, backend)[0], qd, kd, vd, do)
-        gw = grads(lambda *x: oracle(*x, kh, rule), qd.float(), kd.float(), vd.float(), do)
-        for a, b in zip(g, gw):
-            assert (a.double() - b).abs().max().item() < 10 * tol * max(1.0, b.abs().max().item()), L
+@pytest.mark.parametrize("L", LENGTHS)
+def test_gpu_kernels_match_float64(backend, dtype, rule, L):
+    """The raw kernels, outputs poisoned with NaN first (an element they fail to write shows up),
+    forward and backward, batch 1 and 3 (the last window of 3 has every key hidden)."""
+    fwd, bwd = _kernel_runners()
+    tol = GPU_TOL[dtype]
+    for B in (1, 3):
+        q, k, v, kh, do = gpu_case(B, L, dtype, seed=L + B)
+        want, want_lse = oracle(q, k, v, kh, rule)
+        want_g = grads(lambda *x: oracle(*x, kh, rule), q, k, v, do)
+        qd, kd, vd, dod = (x.to(device="cuda", dtype=dtype) for x in (q, k, v, do))
+        khd = kh.cuda().view(torch.uint8)
+        out = torch.full_like(qd, float("nan"))
+        lse = torch.full((B, H, L), float("nan"), device="cuda")
+        fwd[backend](qd, kd, vd, khd, rule, out, lse)
+        assert torch.isfinite(out).all() and torch.isfinite(lse).all(), (B, "unwritten or NaN")
+        e_out, e_lse = rel_err(out, want), (lse.double().cpu() - want_lse).abs().max().item()
+        assert e_out < tol["out"] and e_lse < tol["lse"], (B, e_out, e_lse)
+        dq, dk, dv = (torch.full_like(qd, float("nan")) for _ in range(3))
+        bwd[backend](dod, qd, kd, vd, out, lse, khd, rule, dq, dk, dv)
+        for name, a, b in zip("qkv", (dq, dk, dv), want_g):
+            assert torch.isfinite(a).all(), (B, name, "unwritten or NaN")
+            assert grad_err(a, b) < tol["grad"], (B, name, grad_err(a, b))
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gpu_public_op_autograd_and_all_hidden(backend, dtype):
+    """Through masked_attention() and autograd (the path the model takes), with padding, masked
+    observations and a window whose keys are all hidden (uniform average, never NaN)."""
+    tol = GPU_TOL[dtype]
+    q, k, v, kh, do = gpu_case(4, 200, dtype, seed=3)
+    kh[1] = True
+    want, _ = oracle(q, k, v, kh, "key")
+    want_g = grads(lambda *x: oracle(*x, kh, "key"), q, k, v, do)
+    args = [x.to(device="cuda", dtype=dtype) for x in (q, k, v)]
+    khd, dod = kh.cuda(), do.to(device="cuda", dtype=dtype)
+    out = masked_attention(*args, khd, "key", backend=backend)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert rel_err(out, want) < tol["out"]
+    torch.testing.assert_close(out[1].float().cpu(), want[1].float(), rtol=0,
+                               atol=tol["out"] * want.abs().max().item())
+    got_g = grads(lambda *x: masked_attention(*x, khd, "key", backend=backend), *args, dod)
+    for name, a, b in zip("qkv", got_g, want_g):
+        assert a.dtype == dtype and torch.isfinite(a).all(), name
+        assert grad_err(a, b) < tol["grad"], (name, grad_err(a, b))
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_many_windows_and_current_stream(backend):
+    """B * H = 65,600 (more than a grid's y or z dimension holds) on a side stream: spot-check the
+    first and last windows against the oracle."""
+    B, L = 16400, 16
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, H, L, HD, device="cuda", generator=g, dtype=torch.bfloat16)
+               .requires_grad_(True) for _ in range(3))
+    kh = torch.rand(B, L, device="cuda", generator=g) < 0.3
+    kh[-1] = True
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        out = masked_attention(q, k, v, kh, "key", backend=backend)
+        grads_ = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    s.synchronize()
+    assert all(torch.isfinite(x).all() for x in grads_)
+    q, k, v, out = (x.detach() for x in (q, k, v, out))
+    for sl in (slice(0, 2), slice(B - 2, B)):
+        want, _ = oracle(q[sl].float().cpu(), k[sl].float().cpu(), v[sl].float().cpu(),
+                         kh[sl].cpu(), "key")
+        assert rel_err(out[sl], want) < GPU_TOL[torch.bfloat16]["out"], sl
+
+
+@needs_cuda
+def test_gpu_default_backend_runs_and_forced_errors_are_clear():
+    q, k, v, kh, _ = gpu_case(2, 7, torch.float32, seed=0)
+    out = masked_attention(q.cuda(), k.cuda(), v.cuda(), kh.cuda())
+    assert rel_err(out, oracle(q, k, v, kh, "key")[0]) < GPU_TOL[torch.float32]["out"]
+    if "cuda" in GPU_BACKENDS:
+        with pytest.raises(ValueError, match="hd 64"):
+            x = q[..., :32].cuda().contiguous()
+            masked_attention(x, x, x, kh.cuda(), backend="cuda")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -332,6 +437,60 @@ def test_model_forward_and_training_step_match_reference(preset, backend):
             continue
         assert (g1 - g2).abs().max().item() <= 1e-4 * max(1.0, g1.abs().max().item()), n1
         assert (p1 - p2).abs().max().item() < 1e-6, n1
+
+
+def _model_step(model, t, m, hidden, err, probed, valid, backend, amp):
+    """Forward and the gradients of one training step (the official loss), as float64 on the CPU."""
+    from astromer_fast.training import weighted_rmse
+
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        pred = model(t, m, hidden, backend=backend)
+    loss = weighted_rmse(pred, m, err, probed, valid, backend=backend)
+    loss.backward()
+    return pred.detach().double().cpu(), {n: p.grad.double().cpu()
+                                          for n, p in model.named_parameters() if p.grad is not None}
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16-autocast"])
+def test_gpu_model_forward_and_training_step(backend, amp):
+    """Astromer 2 on the GPU with each kernel backend against the float64 reference model (CPU).
+    fp32: forward and every gradient within 2e-4 of the largest. bf16 autocast: no worse than
+    twice what the plain PyTorch model gets under the same autocast (plus a small floor)."""
+    t, m, valid, probed = _batch()
+    err = (torch.rand(t.shape, generator=torch.Generator().manual_seed(4)) * 0.1 + 0.01) * valid
+    hidden = ~valid | probed
+    torch.manual_seed(0)
+    base = Astromer(AstromerConfig.astromer2(dropout=0.0))
+    with torch.no_grad():
+        base.embedding.mask_token.fill_(0.3)  # a non-zero token, so that its path is exercised
+    ref = copy_model(base).double()
+    want, want_g = _model_step(ref, t.double(), m.double(), hidden, err, probed, valid, "torch",
+                               False)
+    dev = [x.cuda() for x in (t, m, hidden, err, probed, valid)]
+    results = {}
+    for name in ("torch", backend):
+        results[name] = _model_step(copy_model(base).cuda(), *dev, name, amp)
+
+    def errs(res):
+        out, g = res
+        return rel_err(out, want), max(grad_err(g[n], want_g[n]) for n in want_g)
+
+    e_out, e_grad = errs(results[backend])
+    assert set(results[backend][1]) == set(want_g)
+    if not amp:
+        assert e_out < 2e-4 and e_grad < 2e-4, (e_out, e_grad)
+    else:
+        r_out, r_grad = errs(results["torch"])
+        assert e_out <= 2 * r_out + 2e-3 and e_grad <= 2 * r_grad + 2e-2, (e_out, e_grad, r_out, r_grad)
+
+
+def copy_model(model):
+    import copy
+
+    return copy.deepcopy(model)
 
 
 def test_model_attention_weights_and_sdpa_still_work():

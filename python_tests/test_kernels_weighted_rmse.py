@@ -22,6 +22,7 @@ import torch
 from astromer_fast.kernels import BackendUnavailableError, available_backends, resolve_backend
 from astromer_fast.kernels import _ext
 from astromer_fast.kernels.weighted_rmse import (
+    _weighted_rmse_bwd,
     _weighted_rmse_op,
     error_weights,
     weighted_rmse,
@@ -246,6 +247,33 @@ def test_opcheck_bf16_pred():
         torch.library.opcheck(_weighted_rmse_op, (pred, target, err, probed, valid, True, backend))
 
 
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_cpu_fused_backward_is_bitwise_the_torch_expression(bf16):
+    """The C++ backward (grad written in pred's dtype) against (dir * (g * scale)).to(dtype), with
+    values that sit on bf16 rounding ties and NaN/inf, and any thread count."""
+    if "cpu" not in CPU_BACKENDS:
+        pytest.skip("astromer_fast._C not available")
+    g = torch.Generator().manual_seed(0)
+    dir_ = torch.randn(1000, 333, generator=g)
+    dir_.view(-1)[:8] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0,
+                                      1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, 3e38])
+    gl, sc = torch.tensor(0.7), torch.tensor(1.3)
+    dt = torch.bfloat16 if bf16 else torch.float32
+    want = (dir_ * (gl * sc)).to(dt)
+    old = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            got = _weighted_rmse_bwd(dir_, gl, sc, bf16)
+            nan = want.isnan()  # (NaN payloads may differ; NaN-ness may not)
+            assert got.dtype == dt and torch.equal(got.isnan(), nan)
+            bits = torch.int16 if bf16 else torch.int32
+            assert torch.equal(got.view(bits)[~nan], want.view(bits)[~nan])
+    finally:
+        torch.set_num_threads(old)
+    torch.library.opcheck(_weighted_rmse_bwd, (dir_[1:5, :5].contiguous(), gl, sc, bf16))
+
+
 @pytest.mark.parametrize("case", ["mixed", "no_err", "zero_neg_err", "const_err", "all_unprobed"])
 def test_gradcheck_float64_torch_backend(case):
     pred, target, err, probed, valid = make_inputs((3, 7), case, seed=7)
@@ -360,6 +388,33 @@ def test_gpu_backends_match_float64(backend, dtype):
             if backend != "torch":
                 again = run(backend, pred, target, err, probed, valid)
                 assert torch.equal(loss, again[0]) and torch.equal(g, again[1]), "not deterministic"
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA)
+@pytest.mark.parametrize("backend", [b for b in CUDA_BACKENDS if b != "torch"] or ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gpu_kernels_write_every_output(backend, dtype):
+    """The raw runners with loss, scale and dir poisoned with NaN first: each must be written
+    (dir is 0 in windows without a probed observation and at unprobed observations)."""
+    import importlib
+
+    wr = importlib.import_module("astromer_fast.kernels.weighted_rmse")
+    if backend not in CUDA_BACKENDS:
+        pytest.skip(f"backend {backend!r} unavailable on CUDA here")
+    for shape in [(1, 1), (1, 7), (3, 200), (5, 256), (8192, 200)]:
+        for case in ("mixed", "no_err", "valid_none", "all_unprobed"):
+            pred, target, err, probed, valid = make_inputs(shape, case, seed=2, device="cuda")
+            pred = pred.to(dtype)
+            loss, scale = (torch.full((), float("nan"), device="cuda") for _ in range(2))
+            dir_ = torch.full(shape, float("nan"), device="cuda")
+            wr._RUNNERS[backend](pred, target, err, probed, valid, loss, scale, dir_)
+            what = (shape, case)
+            assert torch.isfinite(loss) and torch.isfinite(scale) and torch.isfinite(dir_).all(), what
+            want, want_g = oracle(pred, target, err, probed, valid)
+            assert abs(float(loss) - want) <= LOSS_RTOL * want + 1e-9, what
+            assert (dir_[~probed] == 0).all(), what
+            g = (dir_ * scale).double().cpu().numpy()
+            assert np.abs(g - want_g).max() <= 1e-5 * max(np.abs(want_g).max(), 1e-12), what
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA)

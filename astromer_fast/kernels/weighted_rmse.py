@@ -30,9 +30,10 @@ from torch import Tensor
 from astromer_fast.kernels import _checks, _ext
 from astromer_fast.kernels.backends import BACKENDS, requested_backend, resolve_backend
 
-__all__ = ["OP_NAME", "error_weights", "weighted_rmse", "weighted_rmse_reference"]
+__all__ = ["OP_BWD", "OP_NAME", "error_weights", "weighted_rmse", "weighted_rmse_reference"]
 
 OP_NAME = "astromer_fast::weighted_rmse"
+OP_BWD = "astromer_fast::weighted_rmse_bwd"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -193,13 +194,37 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(dir_, scale)
 
 
+@torch.library.custom_op(OP_BWD, mutates_args=())
+def _weighted_rmse_bwd(dir_: Tensor, grad_loss: Tensor, scale: Tensor, grad_bf16: bool) -> Tensor:
+    """d loss / d pred = dir * (grad_loss * scale) in pred's dtype (bfloat16 or float32). On the CPU
+    one multi-threaded C++ pass writes it straight in that dtype; elsewhere plain PyTorch (the same
+    roundings: the factor in float32, one rounding of the product to the output dtype)."""
+    dt = torch.bfloat16 if grad_bf16 else torch.float32
+    ext = _ext.cpu_ext() if dir_.device.type == "cpu" else None
+    if ext is None or dir_.dtype != torch.float32:
+        return (dir_ * (grad_loss * scale)).to(dt)
+    d = dir_.contiguous()
+    out = torch.empty(d.shape, dtype=dt)
+    ext.weighted_rmse_backward(d.data_ptr(), float(grad_loss), float(scale), out.data_ptr(),
+                               grad_bf16, d.numel(), max(1, torch.get_num_threads()))
+    return out
+
+
+@_weighted_rmse_bwd.register_fake
+def _weighted_rmse_bwd_fake(dir_, grad_loss, scale, grad_bf16):
+    return dir_.new_empty(dir_.shape, dtype=torch.bfloat16 if grad_bf16 else torch.float32)
+
+
 def _backward(ctx, grad_loss: Tensor, grad_dir, grad_scale):
     dir_, scale = ctx.saved_tensors
     grad_pred = None
     if ctx.needs_input_grad[0]:
         if not ctx.need_grad:
             raise RuntimeError(f"{OP_NAME}: called with need_grad=False, so there is no backward")
-        grad_pred = (dir_ * (grad_loss * scale)).to(ctx.pred_dtype)
+        if ctx.pred_dtype in (torch.float32, torch.bfloat16):
+            grad_pred = _weighted_rmse_bwd(dir_, grad_loss, scale, ctx.pred_dtype == torch.bfloat16)
+        else:
+            grad_pred = (dir_ * (grad_loss * scale)).to(ctx.pred_dtype)
     return grad_pred, None, None, None, None, None, None
 
 

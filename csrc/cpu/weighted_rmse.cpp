@@ -164,7 +164,42 @@ void run_err(const WeightedRmseArgs& a, int num_threads) {
     run_dir<kBf16, false>(a, num_threads);
 }
 
+// float32 -> bfloat16 bits, round to nearest even; NaN stays a (quiet) NaN.
+inline std::uint16_t to_bf16_bits(float f) {
+  std::uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<std::uint16_t>((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<std::uint16_t>(u >> 16);
+}
+
+ASTROMER_FAST_CLONES
+void scale_f32(const float* __restrict__ dir, float s, float* __restrict__ out, std::int64_t n) {
+  for (std::int64_t i = 0; i < n; ++i) out[i] = dir[i] * s;
+}
+
+ASTROMER_FAST_CLONES
+void scale_bf16(const float* __restrict__ dir, float s, std::uint16_t* __restrict__ out,
+                std::int64_t n) {
+  for (std::int64_t i = 0; i < n; ++i) out[i] = to_bf16_bits(dir[i] * s);
+}
+
 }  // namespace
+
+void weighted_rmse_backward(const float* dir, float grad_loss, float scale, void* grad,
+                            bool grad_bf16, std::int64_t n, int num_threads) {
+  if (n < 0) throw std::invalid_argument("weighted_rmse_backward: n must be >= 0");
+  if (n > 0 && (!dir || !grad))
+    throw std::invalid_argument("weighted_rmse_backward: dir and grad must not be null");
+  const float s = grad_loss * scale;
+  // Memory-bound: a thread is worth starting only for a few hundred KB of work.
+  parallel_for(n, 1 << 16, num_threads, [&](std::int64_t i0, std::int64_t i1) {
+    if (grad_bf16)
+      scale_bf16(dir + i0, s, static_cast<std::uint16_t*>(grad) + i0, i1 - i0);
+    else
+      scale_f32(dir + i0, s, static_cast<float*>(grad) + i0, i1 - i0);
+  });
+}
 
 void weighted_rmse_forward(const WeightedRmseArgs& a, int num_threads) {
   validate(a);

@@ -37,5 +37,12 @@ struct WeightedRmseArgs {
 // Throws std::invalid_argument on bad arguments. num_threads <= 1 runs on the calling thread.
 void weighted_rmse_forward(const WeightedRmseArgs& args, int num_threads);
 
+// The backward: grad[i] = dir[i] * (grad_loss * scale), the factor rounded to float32 first and
+// the product rounded once to grad's dtype (float32, or bfloat16 round-to-nearest-even when
+// grad_bf16), i.e. the same bits as torch's `(dir * (grad_loss * scale)).to(dtype)`. Elementwise,
+// so any thread count gives the same result. n elements, dense.
+void weighted_rmse_backward(const float* dir, float grad_loss, float scale, void* grad,
+                            bool grad_bf16, std::int64_t n, int num_threads);
+
 }  // namespace cpu
 }  // namespace astromer_fast
