@@ -245,7 +245,7 @@ class TestDask:
         distributed = pytest.importorskip("distributed", reason="dask.distributed is not "
                                           "installed: pip install 'astromer-fast[dask]'")
         with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                      dashboard_address=None) as cluster, \
+                                      dashboard_address=":0") as cluster, \
                 distributed.Client(cluster) as client:
             yield client
 

@@ -83,8 +83,10 @@ class Embedder:
 class _Worker:
     """The actor behind ``embed_files``: a TaskRunner (model loaded once per actor)."""
 
-    def __init__(self, options, read_batch_rows, long_batch_rows, crash_once=None):
-        self.runner = TaskRunner(options, read_batch_rows, long_batch_rows, crash_once)
+    def __init__(self, options, read_batch_rows, long_batch_rows, crash_once=None,
+                 num_threads=None):
+        self.runner = TaskRunner(options, read_batch_rows, long_batch_rows, crash_once,
+                                 num_threads)
 
     def run(self, task):
         return self.runner.run(task)
@@ -145,10 +147,14 @@ def embed_files(source, output, *, address: str | None = None, actors: int | Non
         num_cpus=num_cpus_per_actor, num_gpus=num_gpus, max_restarts=max_restarts,
         max_task_retries=max_task_retries)
     # The model travels once per actor (constructor), not once per unit.
-    pool = [worker_cls.remote(emb_kw, read_batch_rows, long_batch_rows, _crash_once_marker)
-            for _ in range(min(actors, len(tasks)))]
+    # torch threads = the CPUs Ray reserved for the actor, whatever OMP_NUM_THREADS says.
+    threads = max(1, int(num_cpus_per_actor))
+    t0 = time.perf_counter()
+    pool = [worker_cls.remote(emb_kw, read_batch_rows, long_batch_rows, _crash_once_marker,
+                              threads) for _ in range(min(actors, len(tasks)))]
     try:
         ray.get([a.ready.remote() for a in pool])
+        summary.timings["start actors"] = time.perf_counter() - t0
         drive(tasks, _ordered(pool, tasks), out_dir, summary,
               continue_on_error=continue_on_error, progress=progress)
     finally:
