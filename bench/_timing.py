@@ -2,7 +2,12 @@
 repository root, so this module is importable as ``_timing``)."""
 from __future__ import annotations
 
+import contextlib
+import signal
+import statistics
+import threading
 import time
+import traceback
 from typing import Callable
 
 import torch
@@ -24,3 +29,65 @@ def timed(fn, sync, repeats: int) -> float:
         sync()
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def timed_median(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
+    """Median seconds per call of ``repeats`` calls after ``warmup`` untimed ones.
+
+    On CUDA each call is bracketed by CUDA events on the current stream (device time of exactly
+    that call, launch overheads included because the stream idles while Python enqueues); on the
+    CPU by perf_counter. The median, not the best, because other processes share the machine."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        times = []
+        for _ in range(repeats):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        return statistics.median(times)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+class TimeLimit(Exception):
+    """Raised inside the guarded block when its time limit runs out."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None):
+    """Raises TimeLimit in the main thread after ``seconds`` (SIGALRM; a no-op elsewhere or when
+    seconds is falsy). Meant for torch.compile, whose compile time is not bounded otherwise."""
+    if not seconds or threading.current_thread() is not threading.main_thread() \
+            or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def _raise(signum, frame):
+        raise TimeLimit(f"time limit of {seconds:.0f} s exceeded")
+
+    old = signal.signal(signal.SIGALRM, _raise)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def failure_text(exc: BaseException) -> str:
+    """One line for a table cell / JSON field: the exception and where it was raised."""
+    tb = traceback.extract_tb(exc.__traceback__)
+    where = f" at {tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno}" if tb else ""
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {msg[:300]}{where}"

@@ -1,19 +1,29 @@
 """Whole-model throughput, every variant side by side in one run: windows/s for the embedding
-forward and for a training step (forward + backward + Adam), with ratios to eager fp32.
+forward and for a training step (forward + official loss + backward + Adam), with ratios to the
+plain PyTorch reference in fp32.
 
     python bench/bench_model.py                       # CPU: small sizes
     python bench/bench_model.py --device cuda --windows 4096 --json out.json
 
-Variants: the plain PyTorch reference (torch backend, explicit softmax attention) in fp32;
-the default fused-kernel backend in fp32; on CUDA, bf16 autocast with SDPA and a key mask; and,
-with --compile, torch.compile of the reference.
+Variants:
+  * reference eager fp32 (torch backend: explicit softmax attention, plain-PyTorch embedding/loss);
+  * reference eager bf16 autocast with SDPA and the key mask;
+  * torch.compile of the reference (bf16 autocast + SDPA on CUDA, fp32 on the CPU): its compile
+    time (and first calls) is reported separately and bounded by --compile-timeout; default on
+    CUDA only (--compile / --no-compile);
+  * this package's model with each kernel backend (cuda, triton / cpu), fp32 and bf16 autocast.
+Inputs: random times, magnitudes and errors, random padding lengths, half of the valid
+observations probed. Timing: median of --repeats after warm-up (CUDA events on CUDA). A variant
+that raises gets a row with its error; the others still run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
+import time
 
 import torch
 
@@ -21,12 +31,14 @@ from astromer_fast import Astromer, AstromerConfig
 from astromer_fast.kernels import available_backends
 from astromer_fast.training import weighted_rmse
 
-from _timing import device_sync, timed
+from _timing import failure_text, time_limit, timed_median
+
+NAN = float("nan")
 
 
 def make_batch(n, L, device, seed=0):
     g = torch.Generator().manual_seed(seed)
-    n_valid = torch.randint(L // 4, L + 1, (n,), generator=g)  # random padding
+    n_valid = torch.randint(max(1, L // 4), L + 1, (n,), generator=g)  # random padding
     valid = torch.arange(L)[None] < n_valid[:, None]
     t = torch.sort(torch.rand(n, L, generator=g) * 1000 - 500, 1).values * valid
     m = torch.randn(n, L, generator=g) * valid
@@ -35,71 +47,115 @@ def make_batch(n, L, device, seed=0):
     return [x.to(device) for x in (t, m, valid, err, probed)]
 
 
-def run(args):
-    device = torch.device(args.device)
-    sync = device_sync(device)
-    t, m, valid, err, probed = make_batch(args.windows, args.length, device)
-    hidden = ~valid
-    variants = [("reference fp32 (torch backend)", dict(backend="torch"), None, False)]
+def variants(device, compile_ref):
+    """(name, model kwargs, autocast dtype or None, compiled)."""
+    cuda = device.type == "cuda"
+    out = [("reference eager fp32", dict(backend="torch"), None, False),
+           ("reference eager bf16 SDPA + key mask", dict(backend="torch", use_sdpa=True),
+            torch.bfloat16, False)]
+    if compile_ref:
+        if cuda:
+            out.append(("reference torch.compile bf16 SDPA", dict(backend="torch", use_sdpa=True),
+                        torch.bfloat16, True))
+        else:
+            out.append(("reference torch.compile fp32", dict(backend="torch"), None, True))
     for b in available_backends(device):
-        if b != "torch":
-            variants.append((f"fused {b} fp32", dict(backend=b), None, False))
-    if device.type == "cuda":
-        variants.append(("reference bf16 + SDPA", dict(backend="torch", use_sdpa=True),
-                         torch.bfloat16, False))
-        best = available_backends(device)[0]
-        variants.append((f"fused {best} bf16 + SDPA", dict(backend=best, use_sdpa=True),
-                         torch.bfloat16, False))
-    if args.compile:
-        variants.append(("reference fp32 torch.compile", dict(backend="torch"), None, True))
+        if b == "torch" or (b == "triton" and not cuda):
+            continue
+        out.append((f"fused {b} fp32", dict(backend=b), None, False))
+        out.append((f"fused {b} bf16 autocast", dict(backend=b), torch.bfloat16, False))
+    return out
 
-    rows = []
-    for name, kw, amp, compiled in variants:
+
+def measure(name, kw, amp, compiled, data, args, device):
+    t, m, valid, err, probed = data
+    hidden = ~valid
+    row = dict(variant=name, embed_s=NAN, train_s=NAN, compile_s=NAN, error=None)
+    try:
         torch.manual_seed(0)
         model = Astromer(AstromerConfig()).to(device)
-        enc = torch.compile(model) if compiled else model
+        loss_backend = kw["backend"]
+        fwd_model = torch.compile(model) if compiled else model
+        # encode() for embedding; forward() (with the regression head) for training.
+        enc = torch.compile(model.encode) if compiled else model.encode
+        ac = dict(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None)
 
         def embed():
-            with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32,
-                                                 enabled=amp is not None):
+            with torch.no_grad(), torch.autocast(**ac):
                 for s in range(0, args.windows, args.batch):
                     sl = slice(s, s + args.batch)
-                    enc.encode(t[sl], m[sl], hidden[sl], **kw) if not compiled else \
-                        enc(t[sl], m[sl], hidden[sl], **kw)
+                    enc(t[sl], m[sl], hidden[sl], **kw)
 
         opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9)
 
         def train():
             for s in range(0, args.windows, args.batch):
                 sl = slice(s, s + args.batch)
-                with torch.autocast(device.type, dtype=amp or torch.float32,
-                                    enabled=amp is not None):
-                    pred = enc(t[sl], m[sl], hidden[sl] | probed[sl], **kw)
-                loss = weighted_rmse(pred, m[sl], err[sl], probed[sl], valid[sl])
+                with torch.autocast(**ac):
+                    pred = fwd_model(t[sl], m[sl], hidden[sl] | probed[sl], **kw)
+                loss = weighted_rmse(pred, m[sl], err[sl], probed[sl], valid[sl],
+                                     backend=loss_backend)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
 
+        t0 = time.perf_counter()
+        with time_limit(args.compile_timeout if compiled else None):
+            model.eval()
+            embed()
+            if not args.no_train:
+                model.train()
+                train()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        if compiled:
+            row["compile_s"] = time.perf_counter() - t0
         model.eval()
-        te = timed(embed, sync, args.repeats)
-        model.train()
-        tt = timed(train, sync, args.repeats) if not args.no_train else float("nan")
-        rows.append(dict(variant=name, embed_windows_per_s=args.windows / te,
-                         train_windows_per_s=args.windows / tt))
-    base_e, base_t = rows[0]["embed_windows_per_s"], rows[0]["train_windows_per_s"]
-    print(f"\n{args.windows} windows x {args.length} obs (random padding), batch {args.batch}, "
-          f"{device} ({torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads), torch {torch.__version__}")
-    print(f"{'variant':38s} {'embed win/s':>12s} {'ratio':>7s} {'train win/s':>12s} {'ratio':>7s}")
-    for r in rows:
-        r["embed_ratio"] = r["embed_windows_per_s"] / base_e
-        r["train_ratio"] = r["train_windows_per_s"] / base_t
-        print(f"{r['variant']:38s} {r['embed_windows_per_s']:12.1f} {r['embed_ratio']:7.2f} "
-              f"{r['train_windows_per_s']:12.1f} {r['train_ratio']:7.2f}")
+        row["embed_s"] = timed_median(embed, device, args.repeats, warmup=1)
+        if not args.no_train:
+            model.train()
+            row["train_s"] = timed_median(train, device, args.repeats, warmup=1)
+    except Exception as exc:  # noqa: BLE001  (recorded; the other variants still run)
+        row["error"] = failure_text(exc)
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    for k in ("embed", "train"):
+        row[f"{k}_windows_per_s"] = args.windows / row[f"{k}_s"] if row[f"{k}_s"] > 0 else NAN
+    return row
+
+
+def run(args):
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    data = make_batch(args.windows, args.length, device)
+    hw = torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine())
+    print(f"{args.windows} windows x {args.length} obs (random padding), batch {args.batch}, "
+          f"{device} ({hw}, {torch.get_num_threads()} threads), torch {torch.__version__}; "
+          f"median of {args.repeats}", flush=True)
+    print(f"{'variant':38s} {'embed win/s':>12s} {'ratio':>7s} {'train win/s':>12s} {'ratio':>7s}",
+          flush=True)
+    rows = []
+    for name, kw, amp, compiled in variants(device, args.compile):
+        r = measure(name, kw, amp, compiled, data, args, device)
+        rows.append(r)
+        base = rows[0]
+        for k in ("embed", "train"):
+            r[f"{k}_ratio"] = r[f"{k}_windows_per_s"] / base[f"{k}_windows_per_s"]
+        if r["error"]:
+            print(f"{name:38s} FAILED: {r['error']}", flush=True)
+            continue
+        line = (f"{name:38s} {r['embed_windows_per_s']:12.1f} {r['embed_ratio']:7.2f} "
+                f"{r['train_windows_per_s']:12.1f} {r['train_ratio']:7.2f}")
+        if math.isfinite(r["compile_s"]):
+            line += f"  (compile + first calls {r['compile_s']:.1f} s)"
+        print(line, flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device=str(device), windows=args.windows, length=args.length,
-                           batch=args.batch, torch=torch.__version__, rows=rows), f, indent=2)
+            json.dump(dict(device=str(device), hardware=hw, threads=torch.get_num_threads(),
+                           windows=args.windows, length=args.length, batch=args.batch,
+                           repeats=args.repeats, torch=torch.__version__, rows=rows), f, indent=2)
+    return rows
 
 
 if __name__ == "__main__":
@@ -108,12 +164,17 @@ if __name__ == "__main__":
     p.add_argument("--windows", type=int, default=None)
     p.add_argument("--length", type=int, default=200)
     p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs (median; default 5 CUDA, 3 CPU)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time torch.compile of the reference (default: on CUDA only)")
+    p.add_argument("--compile-timeout", type=float, default=180.0,
+                   help="seconds allowed for compiling (and first calls of) the compiled variant")
     p.add_argument("--no-train", action="store_true")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     cuda = a.device.startswith("cuda")
     a.windows = a.windows or (4096 if cuda else 64)
     a.batch = a.batch or (1024 if cuda else 32)
+    a.repeats = a.repeats or (5 if cuda else 3)
+    a.compile = cuda if a.compile is None else a.compile
     run(a)
