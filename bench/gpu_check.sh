@@ -43,7 +43,7 @@ if [ "$(cat "$W/build.rc")" = 0 ]; then
       python_tests/test_kernels_masked_attention.py python_tests/test_kernels_weighted_rmse.py \
       python_tests/test_model.py "python_tests/test_embed.py::test_cuda_graphs_match_eager" \
       > "$W/tests.txt" 2>&1
-  el "tests rc=$?"; grep -E "passed|failed|error" "$W/tests.txt" | tail -15
+  el "tests rc=$?"; grep -E "FAILED|ERROR|passed|failed" "$W/tests.txt" | tail -25
 else
   tail -60 "$W/build.txt"
 fi
