@@ -101,6 +101,24 @@ def test_forward_gpu_matches_float64(backend, shape, with_token):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA)
+@pytest.mark.parametrize("backend", [b for b in CUDA_BACKENDS if b != "torch"] or ["cuda", "triton"])
+def test_gpu_kernels_write_every_output(backend):
+    """The raw runners into a NaN-poisoned output: every element written, L 1/7/200/256, batch 1
+    and a batch larger than one grid pass."""
+    import importlib
+
+    ie = importlib.import_module("astromer_fast.kernels.input_embedding")
+    if backend not in CUDA_BACKENDS:
+        pytest.skip(f"backend {backend!r} unavailable on CUDA here")
+    for shape in [(1, 1), (1, 7), (3, 200), (2, 256), (4096, 200)]:
+        t, m, hidden, w, b, token = make_inputs(shape, device="cuda")
+        out = torch.full((*shape, D), float("nan"), device="cuda")
+        ie._RUNNERS[backend](t, m, hidden, w, b, token, 10000.0, out)
+        assert torch.isfinite(out).all(), shape
+        assert max_err(out, t, m, hidden, w, b, token) < TOL, shape
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA)
 def test_cuda_kernel_runs_on_the_current_stream():
     if "cuda" not in CUDA_BACKENDS:
         pytest.skip("astromer_fast._C_cuda not available")
