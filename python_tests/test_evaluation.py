@@ -328,6 +328,26 @@ def test_evaluate_with_finetuning_concat_bands(tmp_path, monkeypatch):
         evaluate(table, "label", models=[tiny_model()], settings=s, log=None)
 
 
+def test_evaluate_with_real_finetune():
+    """Two real masked-reconstruction steps through astromer_fast.training.finetune."""
+    from astromer_fast import training
+
+    if not hasattr(training, "finetune"):
+        pytest.skip("astromer_fast.training.finetune is not in this installation")
+    table = synthetic_table(n_per_class=6, bands=("r",), n_test=3)
+    s = EvalSettings(spc=(4,), folds=1, finetune_steps=2, finetune_batch_size=8,
+                     features=False, last_block=False, figures=False,
+                     classifier=ClassifierSettings(max_epochs=10))
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = evaluate(table, "label", models=[model], settings=s, log=None)
+    (hist,) = res.finetune.values()
+    assert hist and "train_loss" in hist[-1]
+    assert len(res.runs) == 1 and res.runs[0]["n_test"] == 6
+    for k, v in model.state_dict().items():  # the caller's model is left untouched
+        torch.testing.assert_close(v, before[k])
+
+
 def test_cli_evaluate_features_only(tmp_path):
     from astromer_fast.cli import main
 

@@ -197,9 +197,12 @@ def plot_f1_vs_spc(summary: dict, ax=None, title: str = ""):
         m = [by_spc[s][0] for s in spcs]
         sd = [by_spc[s][1] for s in spcs]
         ax.errorbar(spcs, m, yerr=sd, marker="o", capsize=3, label=method)
+    from matplotlib.ticker import NullLocator
+
     ax.set_xscale("log")
     spcs = sorted({s for v in summary.values() for s in v})
     ax.set_xticks(spcs, [str(s) for s in spcs])
+    ax.xaxis.set_minor_locator(NullLocator())  # log-scale minor labels ("6×10⁰") are noise
     ax.set_xlabel("samples per class")
     ax.set_ylabel("macro F1 (test)")
     ax.set_ylim(0, 1)

@@ -249,12 +249,12 @@ def write_report(result, out_dir) -> Path:
     clf = st["classifier"]
     ft = (f"{st['finetune_steps']} masked-reconstruction steps per SPC and fold (batch "
           f"{st['finetune_batch_size']}, lr {st['finetune_lr']}), on that fold's training curves"
-          if st["finetune_steps"] else "none (encoders used as loaded)")
+          if st["finetune_steps"] else "none")
     L += ["## Protocol", "",
           f"- {', '.join(map(str, spcs))} samples per class (SPC), {st['folds']} folds each; a "
           f"class short of SPC gives all its samples plus draws with replacement; seed "
           f"{st['seed']}.",
-          f"- Finetuning: {ft}; the encoder is then frozen.",
+          f"- Finetuning: {ft}; the encoder is frozen while the classifier trains.",
           f"- Classifier: γ-weighted layer means (softmax γ, init 1/K, sum divided by K) -> "
           f"Dense 1024-512-256 ReLU -> LayerNorm -> Dense; Adam lr {clf['lr']}, batch "
           f"{clf['batch_size']}, at most {clf['max_epochs']} epochs, early stopping (patience "
