@@ -190,8 +190,12 @@ def test_scores_match_sklearn():
     t = rng.choice(classes[:3], 200)  # "d" never true
     p = rng.choice(classes, 200)
     s = scores(t, p, classes)
-    assert s["macro_f1"] == pytest.approx(f1_score(t, p, labels=classes, average="macro",
+    # a class absent from the test set has no F1 and stays out of the macro mean
+    assert s["macro_f1"] == pytest.approx(f1_score(t, p, labels=classes[:3], average="macro",
                                                    zero_division=0))
+    assert np.isnan(s["per_class_f1"][3])
+    np.testing.assert_allclose(s["per_class_f1"][:3], f1_score(t, p, labels=classes[:3],
+                                                               average=None))
     np.testing.assert_array_equal(s["confusion"], confusion_matrix(t, p, labels=classes))
 
 

@@ -82,7 +82,7 @@ def load_labelled(source, label_col: str = "label", *, split_col: str | None = "
     from astromer_fast.data.layouts import decode_batch, detect_layout
 
     table = _read(source)
-    where = source if isinstance(source, str) else "input table"
+    where = "input table" if isinstance(source, pa.Table) else str(source)
     if label_col not in table.column_names:
         raise ValueError(f"{where}: no label column {label_col!r}; columns: {table.column_names}")
     layout = detect_layout(table.schema, str(where), id_col=id_col, band_col=band_col,

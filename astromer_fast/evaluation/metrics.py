@@ -23,9 +23,15 @@ def f1_from_confusion(cm: np.ndarray) -> np.ndarray:
 
 
 def scores(y_true, y_pred, classes) -> dict:
+    """Macro F1 over the classes present in ``y_true`` (a class with no test sample has no
+    meaningful F1: it is NaN in ``per_class_f1`` and left out of the mean), accuracy, and the
+    confusion matrix."""
     cm = confusion(y_true, y_pred, classes)
     f1 = f1_from_confusion(cm)
-    return {"macro_f1": float(f1.mean()), "per_class_f1": f1.tolist(),
+    present = cm.sum(1) > 0
+    f1 = np.where(present, f1, np.nan)
+    return {"macro_f1": float(f1[present].mean()) if present.any() else float("nan"),
+            "per_class_f1": f1.tolist(),
             "accuracy": float(np.trace(cm) / max(cm.sum(), 1)), "confusion": cm.tolist()}
 
 

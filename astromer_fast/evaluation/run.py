@@ -276,6 +276,9 @@ def evaluate(source, label_col: str = "label", *, models=(None,), out=None,
     missing = sorted(set(classes) - set(ds.labels[train_pool].tolist()))
     if missing:
         raise ValueError(f"classes {missing} have test samples but no training sample")
+    untested = sorted(set(classes) - set(ds.labels[test].tolist()))
+    notes_extra = ([f"classes {untested} have no test sample: they are trained on but left out "
+                    f"of the macro F1"] if untested else [])
     folds = make_folds(ds.labels[train_pool], s.spc, s.folds, s.seed, s.val_fraction)
     needed = np.unique(np.concatenate([train_pool[f.unique] for f in folds] + [test]))
     needed_curves = np.unique(ds.rows[needed].ravel())
@@ -293,7 +296,7 @@ def evaluate(source, label_col: str = "label", *, models=(None,), out=None,
         methods.append(FEATURES)
     runs: list = []
     histories: dict = {}
-    notes = list(ds.notes)
+    notes = list(ds.notes) + notes_extra
     prep = {"cleaning": s.cleaning, "window_mode": s.window_mode, "min_obs": s.min_obs,
             "window": None}
     embed_kw = dict(device=device, batch_size=s.batch_size, window_mode=s.window_mode,
@@ -406,7 +409,7 @@ def evaluate(source, label_col: str = "label", *, models=(None,), out=None,
     result = EvaluationResult(
         settings={**dataclasses.asdict(s), "spc": list(s.spc), "device": str(device),
                   "models": [e.source for e in encoders]},
-        dataset={"source": source if isinstance(source, str) else "table",
+        dataset={"source": "table" if not isinstance(source, (str, Path)) else str(source),
                  "label_col": label_col, "split": ds.split_source, "bands": ds.bands,
                  "concat_bands": ds.concat, "counts": ds.counts(), "n_test_scored": len(test_ok),
                  "encoders": {e.name: {"source": e.source, "config": e.model.config.to_dict(),
