@@ -9,7 +9,7 @@ r, and both bands concatenated per star; macro F1 at 20 and 100 samples per clas
 each through the same classifier (γ-weighted layer means, and the last-block mean as a second
 row per model), trained on the ``train`` split and scored on the whole ``test`` split.
 
-    python tools/eval_eros.py --out eval_eros                       # CPU, no finetuning
+    python tools/eval_eros.py --out out/eval_eros                   # CPU, no finetuning
     python tools/eval_eros.py --device cuda --finetune-steps 500 --spc 20 100 500
 
 Writes ``OUT/eros1_table.md`` (and ``.json``), and one full report per setting in ``OUT/<setting>/``.
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
                    choices=["b", "r", "both"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-figures", action="store_true")
-    p.add_argument("--out", default="eval_eros")
+    p.add_argument("--out", default="out/eval_eros")
     args = p.parse_args(argv)
 
     from astromer_fast.evaluation import ClassifierSettings, EvalSettings, evaluate

@@ -75,7 +75,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="one sample per object: the embeddings of its bands concatenated")
     p.add_argument("--id-col", default=None)
     p.add_argument("--band-col", default=None)
-    p.add_argument("-o", "--out", default="evaluation", help="report folder (default: evaluation)")
+    p.add_argument("-o", "--out", default="out/evaluation",
+                   help="report folder (default: out/evaluation)")
     p.add_argument("--cache-dir", default=None, help="embedding cache (default: OUT/cache)")
     p.add_argument("--finetune-steps", type=int, default=0,
                    help="masked-reconstruction finetuning steps per SPC and fold (0: none)")
