@@ -284,8 +284,6 @@ def test_sklearn_pipeline():
 # ------------------------------------------------------------------------------------------------
 
 def _fake_finetune(calls):
-    from astromer_fast.training import TrainSettings  # noqa: F401 - the settings type it takes
-
     class Result:
         def __init__(self, model, history):
             self.model, self.history = model, history

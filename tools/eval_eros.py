@@ -12,7 +12,7 @@ row per model), trained on the ``train`` split and scored on the whole ``test`` 
     python tools/eval_eros.py --out out/eval_eros                   # CPU, no finetuning
     python tools/eval_eros.py --device cuda --finetune-steps 500 --spc 20 100 500
 
-Writes ``OUT/eros1_table.md`` (and ``.json``), and one full report per setting in ``OUT/<setting>/``.
+Writes ``OUT/eros1_table.md`` (and ``.json``), and a full report per setting in ``OUT/<setting>/``.
 Per-curve embeddings of unfinetuned models are cached in ``OUT/cache`` (keyed by weights and
 preprocessing), so a rerun, or a rerun with more SPC, only embeds what it has not seen.
 """

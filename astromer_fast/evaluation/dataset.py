@@ -140,8 +140,8 @@ def load_labelled(source, label_col: str = "label", *, split_col: str | None = "
         keys.append(k if seen[k] == 1 else f"{k}#{seen[k]}")
     n_dup = sum(v - 1 for v in seen.values())
     if n_dup:
-        notes.append(f"{n_dup} repeated (id, band) curve(s) kept as separate samples"
-                     f"{' (bands concatenated: the first of each is used)' if concat_bands else ''}")
+        extra = " (bands concatenated: the first of each is used)" if concat_bands else ""
+        notes.append(f"{n_dup} repeated (id, band) curve(s) kept as separate samples{extra}")
 
     present = sorted(set(band_arr.tolist()))
     use_bands = bands if bands is not None else present

@@ -2,11 +2,11 @@
 a cheap Lomb-Scargle periodogram, numpy only.
 
 The periodogram is the classic Lomb-Scargle (floating time offset τ, "standard" normalisation in
-[0, 1]) on a uniform frequency grid. The grid ``f_k = f0 + k·df`` is split as ``k = a·B + b``, so
-``exp(i·2π f_k t) = exp(i·2π (f0 + a·B·df) t) · exp(i·2π b·df t)``: the sums the periodogram
-needs become two small complex matrix products, with ``~2·sqrt(n_freq)`` complex exponentials per
-observation instead of ``n_freq``. A curve of 120 points on a 10,000-frequency grid takes about a
-millisecond.
+[0, 1]) on a uniform frequency grid ``f_k = f0 + k·df``. Writing ``k = a·B + b`` factorises
+``exp(i·2π f_k t)`` into ``exp(i·2π (f0 + a·B·df) t) · exp(i·2π b·df t)``, so the sums the
+periodogram needs become two small complex matrix products, with ``~2·sqrt(n_freq)`` complex
+exponentials per observation instead of ``n_freq`` (a 120-point curve on a 13,000-frequency grid:
+18 ms against 70 ms for sin/cos at every frequency, measured on a busy 2-core machine).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def lomb_scargle(t, m, freqs) -> np.ndarray:
     o, i = outer.astype(np.complex64), inner.astype(np.complex64)
     z1 = ((o * y.astype(np.float32)) @ i.T).reshape(-1)[:nf].astype(np.complex128)  # Σ y e^{iωt}
     z2 = ((o * o) @ (i * i).T).reshape(-1)[:nf].astype(np.complex128)             # Σ e^{2iωt}
-    # τ rotates the time origin so the sine and cosine terms decouple: e^{-iωτ} = e^{-i arg(z2)/2}.
+    # τ rotates the time origin so sine and cosine terms decouple: e^{-iωτ} = e^{-i arg(z2)/2}.
     r = np.abs(z2)
     rot = np.exp(-0.5j * np.angle(z2))
     zc = z1 * rot

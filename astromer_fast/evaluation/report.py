@@ -247,6 +247,9 @@ def write_report(result, out_dir) -> Path:
                      for n, e in ds["encoders"].items()])
         L.append("")
     clf = st["classifier"]
+    inputs = ("z-scored per layer and channel with the fold's training statistics (not in the "
+              "paper: see ClassifierSettings)" if clf["standardize"]
+              else "used raw, as in the paper")
     ft = (f"{st['finetune_steps']} masked-reconstruction steps per SPC and fold (batch "
           f"{st['finetune_batch_size']}, lr {st['finetune_lr']}), on that fold's training curves"
           if st["finetune_steps"] else "none")
@@ -259,10 +262,8 @@ def write_report(result, out_dir) -> Path:
           f"Dense 1024-512-256 ReLU -> LayerNorm -> Dense; Adam lr {clf['lr']}, batch "
           f"{clf['batch_size']}, at most {clf['max_epochs']} epochs, early stopping (patience "
           f"{clf['patience']}) on {st['val_fraction']:.0%} of each fold's distinct samples, "
-          f"best weights kept; inputs "
-          f"{'z-scored per layer and channel with the fold training set statistics (not in the paper: see ClassifierSettings)' if clf['standardize'] else 'used raw, as in the paper'}"
-          f". Baselines go through the same network: last-block mean (K = 1) and hand-crafted "
-          f"features (always standardised).",
+          f"best weights kept; inputs {inputs}. Baselines go through the same network: "
+          f"last-block mean (K = 1) and hand-crafted features (always standardised).",
           f"- Preprocessing: {st['cleaning']} cleaning, windows `{st['window_mode']}`, curves "
           f"with fewer than {st['min_obs']} observations left out; curve embedding = window "
           f"embeddings averaged with valid-count weights; device {st['device']}.",

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
