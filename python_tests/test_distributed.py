@@ -191,21 +191,16 @@ class TestRay:
         assert not summary.failed and summary.rejected > 0
         assert_same_files(tmp_path, reference)
 
-    def test_ray_data_map_batches(self, ray, data, model_dir, reference, tmp_path):
+    def test_ray_data_map_batches(self, ray, data, model_dir, reference):
         from ray.data import ActorPoolStrategy
 
         from astromer_fast.distributed.ray import Embedder
 
-        # Files of 1000 rows in one row group each: whichever blocks Ray Data reads them into
-        # start on embed's batch grid, so its batches of READ_ROWS rows are embed's batches.
-        table = pq.read_table(data)
-        paths = []
-        for k, start in enumerate(range(0, table.num_rows, 1000)):
-            paths.append(str(tmp_path / f"part{k}.parquet"))
-            pq.write_table(table.slice(start, 1000), paths[-1])
+        # Two blocks of 1000 rows, one per actor: each starts on embed's batch grid, so Ray
+        # Data's batches of READ_ROWS rows are embed's batches.
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True
-        ds = ray.data.read_parquet(paths).map_batches(
+        ds = ray.data.read_parquet(str(data)).repartition(2).map_batches(
             Embedder, fn_constructor_kwargs={"model": model_dir}, batch_format="pyarrow",
             batch_size=READ_ROWS, num_cpus=0.5, compute=ActorPoolStrategy(size=2))
         combined = pa.concat_tables(ray.get(ds.to_arrow_refs()))
@@ -225,12 +220,22 @@ class TestRay:
         assert not summary.failed
         assert_same_files(out, reference)
 
-    def test_cli_engine_ray(self, ray, data, model_dir, reference, tmp_path):
-        rc = cli_main(["embed", str(data), "-o", str(tmp_path), "--model", model_dir,
-                       "--engine", "ray", "--actors", "2", "--read-rows", str(READ_ROWS), "-q"])
-        assert rc == 0
-        assert_same_files(tmp_path, reference)
-        assert cli_main(["embed", str(data), "-o", str(tmp_path), "--actors", "2"]) == 2
+    def test_cli_engine_ray(self, ray, data, model_dir, reference, tmp_path, capsys):
+        bad = tmp_path / "in" / "broken.parquet"
+        bad.parent.mkdir()
+        bad.write_bytes(b"PAR1 this is not a Parquet file")
+        out = tmp_path / "out"
+        rc = cli_main(["embed", str(data), str(bad), "-o", str(out), "--model", model_dir,
+                       "--engine", "ray", "--actors", "2", "--read-rows", str(READ_ROWS), "-q",
+                       "--continue-on-error"])
+        assert rc == 1 and "broken.parquet" in capsys.readouterr().err
+        assert_same_files(out, reference)
+        assert not (out / "broken.parquet").exists()
+        # Options that need the Ray engine, and actors that cannot fit: errors, not hangs.
+        assert cli_main(["embed", str(data), "-o", str(out), "--actors", "2"]) == 2
+        assert cli_main(["embed", str(data), "-o", str(out), "--engine", "ray",
+                         "--actors", "5", "--model", model_dir, "-q"]) == 2
+        assert "do not fit" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------

@@ -106,6 +106,12 @@ def _cluster_defaults(actors, num_gpus_per_actor, num_cpus_per_actor):
         else:
             actors = int(cpus // max(num_cpus_per_actor, 1e-9))
         actors = max(1, actors)
+    # Actors that do not fit would wait for resources forever: say so instead.
+    if (num_gpus_per_actor and actors * num_gpus_per_actor > gpus + 1e-9) or \
+            (num_cpus_per_actor and actors * num_cpus_per_actor > cpus + 1e-9):
+        raise ValueError(f"{actors} actor(s) of {num_cpus_per_actor:g} CPU and "
+                         f"{num_gpus_per_actor:g} GPU do not fit the Ray cluster ({cpus:g} CPU, "
+                         f"{gpus:g} GPU): ask for fewer actors or less per actor")
     return actors, num_gpus_per_actor
 
 
