@@ -144,18 +144,25 @@ def run(args):
             r[f"{k}_ratio"] = r[f"{k}_windows_per_s"] / base[f"{k}_windows_per_s"]
         if r["error"]:
             print(f"{name:38s} FAILED: {r['error']}", flush=True)
+            _dump(args, device, hw, rows)
             continue
         line = (f"{name:38s} {r['embed_windows_per_s']:12.1f} {r['embed_ratio']:7.2f} "
                 f"{r['train_windows_per_s']:12.1f} {r['train_ratio']:7.2f}")
         if math.isfinite(r["compile_s"]):
             line += f"  (compile + first calls {r['compile_s']:.1f} s)"
         print(line, flush=True)
+        _dump(args, device, hw, rows)
+    _dump(args, device, hw, rows)
+    return rows
+
+
+def _dump(args, device, hw, rows):
+    """Rewritten after every variant: a run stopped by an outer timeout keeps what it measured."""
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=str(device), hardware=hw, threads=torch.get_num_threads(),
                            windows=args.windows, length=args.length, batch=args.batch,
                            repeats=args.repeats, torch=torch.__version__, rows=rows), f, indent=2)
-    return rows
 
 
 if __name__ == "__main__":

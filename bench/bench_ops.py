@@ -294,15 +294,21 @@ def main(argv=None):
                 if math.isfinite(r["compile_s"]):
                     line += f"  (compile + first calls {r['compile_s']:.1f} s)"
             print(line, flush=True)
+            # Rewritten after every row: a run stopped by an outer timeout keeps what it measured.
+            _dump(args, device, hw, all_rows + rows)
         all_rows += rows
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    _dump(args, device, hw, all_rows)
+    return all_rows
+
+
+def _dump(args, device, hw, rows):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=str(device), hardware=hw, threads=torch.get_num_threads(),
                            windows=args.windows, length=args.length, repeats=args.repeats,
-                           torch=torch.__version__, rows=all_rows), f, indent=2)
-    return all_rows
+                           torch=torch.__version__, rows=rows), f, indent=2)
 
 
 if __name__ == "__main__":
