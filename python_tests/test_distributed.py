@@ -125,7 +125,8 @@ def test_units_follow_embeds_record_batches(data):
     for t in tasks:
         part = pf.read_row_groups(list(t.row_groups))
         for a, b in t.ranges:
-            assert part.slice(a - t.first_row, b - a).equals(full.slice(a, b - a))
+            got, want = part.slice(a - t.first_row, b - a), full.slice(a, b - a)
+            assert repr(got.to_pylist()) == repr(want.to_pylist())  # NaN magnitudes too
 
 
 def test_other_batches_same_curves_within_rounding(data, model_dir, reference, tmp_path):
