@@ -170,6 +170,17 @@ def _bwd_delta_kernel(O, DO, Delta, n_rows, HD: tl.constexpr, BLOCK_D: tl.conste
 _cache: dict[bool, tuple] = {}
 
 
+def _rebound(fn, g):
+    """A copy of ``fn`` whose globals are ``g``. The annotations must come along: the compiling
+    JIT reads ``tl.constexpr`` from them (without, RULE/PREC become runtime arguments and a str
+    cannot be bound), while the interpreter ignores them, which is why only a GPU showed it."""
+    new = type(fn)(fn.__code__, g, fn.__name__, fn.__defaults__, fn.__closure__)
+    new.__annotations__ = dict(fn.__annotations__)
+    new.__kwdefaults__ = fn.__kwdefaults__
+    new.__qualname__, new.__module__, new.__doc__ = fn.__qualname__, fn.__module__, fn.__doc__
+    return new
+
+
 def _kernels():
     from astromer_fast.kernels.backends import triton_interpret_enabled
 
@@ -180,10 +191,8 @@ def _kernels():
         g = dict(globals(), _logits=logits)
         # Rebind the helper inside each kernel's globals so that the jitted kernels call the
         # jitted helper of the same mode (compiled or interpreted).
-        ks = tuple(
-            triton.jit(type(fn)(fn.__code__, g, fn.__name__, fn.__defaults__, fn.__closure__))
-            for fn in (_fwd_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_delta_kernel)
-        )
+        ks = tuple(triton.jit(_rebound(fn, g))
+                   for fn in (_fwd_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_delta_kernel))
         _cache[interp] = ks
     return ks
 
