@@ -29,6 +29,15 @@ _TRUTHY = ("1", "true", "yes", "on")
 
 _triton_state: tuple[bool, str | None] | None = None
 
+# What a CUDA tensor gets when no backend is asked for, per op: the fastest backend that passed its
+# GPU tests in the H200 run of 2026-11-30 (bench/RESULTS.md). There the Triton input embedding ran
+# at 10.6x eager and passed; torch's SDPA with the key mask beat both attention kernels (the CUDA
+# kernel is scalar fp32, 0.06x SDPA bf16; the Triton kernel stalled beyond L = 1, not yet
+# understood); the weighted-RMSE kernels ran but the run ended before their GPU tests, and the op
+# is a negligible share of a training step, so the reference stays the default there.
+CUDA_DEFAULTS = {"input_embedding": "triton", "masked_attention": "torch",
+                 "weighted_rmse": "torch"}
+
 
 class BackendUnavailableError(RuntimeError):
     """A backend was requested that cannot run on the given device in this installation."""
@@ -141,3 +150,13 @@ def resolve_backend(device: torch.device | str | None, requested: str | None = N
         if unavailable_reason(cand, device) is None:
             return cand
     return "torch"
+
+
+def op_default(op: str, device: torch.device | str | None) -> str | None:
+    """The per-op default for ``device`` (see ``CUDA_DEFAULTS``), or None for the generic order.
+    Only consulted when no backend was requested (argument or environment)."""
+    device = _as_device(device)
+    if device.type != "cuda":
+        return None
+    name = CUDA_DEFAULTS.get(op)
+    return name if name is not None and unavailable_reason(name, device) is None else None

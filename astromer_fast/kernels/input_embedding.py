@@ -25,7 +25,12 @@ import torch
 from torch import Tensor
 
 from astromer_fast.kernels import _checks, _ext
-from astromer_fast.kernels.backends import BACKENDS, requested_backend, resolve_backend
+from astromer_fast.kernels.backends import (
+    BACKENDS,
+    op_default,
+    requested_backend,
+    resolve_backend,
+)
 
 __all__ = ["OP_NAME", "input_embedding", "input_embedding_reference"]
 
@@ -272,6 +277,8 @@ def input_embedding(
     name = requested_backend(backend)
     if name is None and out_dtype == torch.float64:
         name = "torch"
+    if name is None:
+        name = op_default("input_embedding", t.device)
     name = resolve_backend(t.device, name)
     if token is None:
         hidden = None

@@ -28,7 +28,12 @@ import torch
 from torch import Tensor
 
 from astromer_fast.kernels import _checks, _ext
-from astromer_fast.kernels.backends import BACKENDS, requested_backend, resolve_backend
+from astromer_fast.kernels.backends import (
+    BACKENDS,
+    op_default,
+    requested_backend,
+    resolve_backend,
+)
 
 __all__ = ["OP_BWD", "OP_NAME", "error_weights", "weighted_rmse", "weighted_rmse_reference"]
 
@@ -288,6 +293,8 @@ def weighted_rmse(
     name = requested_backend(backend)
     if name is None and pred.dtype == torch.float64:
         name = "torch"
+    if name is None:
+        name = op_default("weighted_rmse", pred.device)
     name = resolve_backend(pred.device, name)
     if name == "torch":
         return weighted_rmse_reference(pred, target, err, probed, valid)
