@@ -5,7 +5,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-DEFAULT_MODEL = "astromer2-preview"
+DEFAULT_MODEL = "astromer2-base"
 
 
 def packaged_models() -> list[str]:
