@@ -6,7 +6,7 @@ resources: what the engines cost, and what a second worker buys on this machine.
 
 Input: the first ``--curves`` rows of ../shared/data/eros1.parquet (real EROS-1 curves, about
 120 observations each), or generated curves of that size when it is absent. Model: the packaged
-``astromer2-preview`` (Astromer 2 shape: 6 blocks, 256 channels), loaded by name on every worker.
+``astromer2-base`` (Astromer 2 shape: 6 blocks, 256 channels), loaded by name on every worker.
 
 Rows (each the wall time of one Parquet -> Parquet run, outputs written; best of ``--repeats``):
 * ``local, k thread(s)``: ``astromer_fast.embed`` in this process with ``torch`` on k threads.
@@ -40,7 +40,7 @@ import torch
 import astromer_fast
 from astromer_fast.weights import load_model
 
-MODEL = "astromer2-preview"
+MODEL = "astromer2-base"
 
 
 def make_input(path: Path, n: int):

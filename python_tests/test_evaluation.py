@@ -391,7 +391,7 @@ def test_report_on_eros1_subset(shared_data, tmp_path):
     s = EvalSettings(spc=(5, 10), folds=2, tsne_max=40)
     res = evaluate(table, "label", models=[None], out=out, settings=s, log=None)
     assert res.classes == ["Cepheid", "EB", "Mira", "RRLyrae"]
-    assert res.methods == ["astromer2-preview γ-weighted", "astromer2-preview last block",
+    assert res.methods == ["astromer2-base γ-weighted", "astromer2-base last block",
                            "features"]
     assert len(res.runs) == 3 * 2 * 2
     for r in res.runs:
@@ -402,9 +402,9 @@ def test_report_on_eros1_subset(shared_data, tmp_path):
                    "## Confusion matrices", "## Learned layer weights", "## Figures",
                    "Skipped (finetune steps = 0)"):
         assert needle in text, needle
-    expected = {"f1_vs_spc", "gamma", "tsne_astromer2-preview", "attention_astromer2-preview",
-                "confusion_astromer2-preview-gamma-weighted",
-                "confusion_astromer2-preview-last-block", "confusion_features"}
+    expected = {"f1_vs_spc", "gamma", "tsne_astromer2-base", "attention_astromer2-base",
+                "confusion_astromer2-base-gamma-weighted",
+                "confusion_astromer2-base-last-block", "confusion_features"}
     assert expected <= set(res.figures)
     pngs = sorted(out.glob("*.png"))
     assert {p.stem for p in pngs} == set(res.figures)
@@ -418,7 +418,7 @@ def test_report_on_eros1_subset(shared_data, tmp_path):
                      cache_dir=out / "cache",
                      settings=EvalSettings(spc=(5, 10), folds=2, figures=False), log=None)
     assert [r["macro_f1"] for r in again.runs] == [r["macro_f1"] for r in res.runs]
-    assert again.seconds["embed astromer2-preview"] < res.seconds["embed astromer2-preview"]
+    assert again.seconds["embed astromer2-base"] < res.seconds["embed astromer2-base"]
 
 
 def test_astromer1_weights_embed_like_v2(shared_data):

@@ -7,7 +7,7 @@ Frames (one row per object or per (object, band); any layout but the long one)::
     from astromer_fast.distributed.dask import embed_dataframe
 
     ddf = dd.read_parquet("curves/", dtype_backend="pyarrow")
-    emb = embed_dataframe(ddf, model="astromer2-preview")   # ddf.map_partitions(embed_partition)
+    emb = embed_dataframe(ddf, model="astromer2-base")   # ddf.map_partitions(embed_partition)
 
 LSDB (the output is again a catalogue: same partitions, same ``_healpix_29`` index, ra/dec kept)::
 
@@ -15,7 +15,7 @@ LSDB (the output is again a catalogue: same partitions, same ``_healpix_29`` ind
     from astromer_fast.distributed.dask import embed_catalog
 
     cat = lsdb.read_hats("ztf_lc/")
-    emb = embed_catalog(cat, model="astromer2-preview", lightcurve_col="lc")
+    emb = embed_catalog(cat, model="astromer2-base", lightcurve_col="lc")
     emb.to_hats("ztf_emb/")
 
 Every output row is one curve, in input order, indexed like the input row it came from: the

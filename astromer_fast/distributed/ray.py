@@ -7,7 +7,7 @@ Ray Data (your pipeline, your batches)::
     from astromer_fast.distributed.ray import Embedder
 
     ds = ray.data.read_parquet("s3://bucket/curves/")
-    emb = ds.map_batches(Embedder, fn_constructor_kwargs={"model": "astromer2-preview"},
+    emb = ds.map_batches(Embedder, fn_constructor_kwargs={"model": "astromer2-base"},
                          batch_format="pyarrow", batch_size=4096, num_gpus=1,
                          compute=ActorPoolStrategy(size=4))
     emb.write_parquet("s3://bucket/emb/")

@@ -60,7 +60,7 @@ class EvalSettings:
 
 @dataclass
 class Encoder:
-    name: str          # short label used in tables ("astromer2-preview", "astromer1 (...)")
+    name: str          # short label used in tables ("astromer2-base", "astromer1 (...)")
     model: object
     source: str        # what was asked for (path, packaged name)
 
