@@ -14,18 +14,20 @@ W="${GPU_WORK:-/tmp/gpu_work}"
 rm -rf "$W"; mkdir -p "$OUT" "$W"
 exec > >(tee "$OUT/log.txt") 2>&1
 export PYTHONUNBUFFERED=1
+# Inductor's compile workers died in subprocesses on the H200 image (2026-11-30): compile in-process.
+export TORCHINDUCTOR_COMPILE_THREADS=1
 T0=$(date +%s)
 el() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
-pack() { tar -C "$W" -czf "$OUT/results.tgz.tmp" . 2>/dev/null && mv "$OUT/results.tgz.tmp" "$OUT/results.tgz"; }
+pack() { tar -C "$W" --exclude=checkpoint --exclude="*.safetensors" -czf "$OUT/results.tgz.tmp" . 2>/dev/null && mv "$OUT/results.tgz.tmp" "$OUT/results.tgz"; }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$W/gpu.txt"
 python -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$W/gpu.txt"
 DATA=gpu_data
-[ -d "$DATA" ] || { el "no gpu_data/: training and data tests skipped"; DATA=""; }
+[ -d "$DATA" ] && [ -z "${SKIP_TRAIN:-}" ] || { el "no gpu_data/ (or SKIP_TRAIN set): no training run"; DATA=""; }
 
 # Build (CPU) and training (GPU, from the source tree: it needs no compiled module) in parallel.
 (ASTROMER_FAST_CUDA=1 ASTROMER_FAST_CUDA_ARCHS="${ASTROMER_FAST_CUDA_ARCHS:-90}" CMAKE_BUILD_PARALLEL_LEVEL=12 \
-   pip install --no-build-isolation --no-deps . > "$W/build.txt" 2>&1; echo $? > "$W/build.rc") &
+   python -m pip install --no-build-isolation --no-deps . > "$W/build.txt" 2>&1; echo $? > "$W/build.rc") &
 BUILD=$!
 if [ -n "$DATA" ]; then
   (PYTHONPATH="$PWD" timeout "${TRAIN_TIMEOUT:-300}" python tools/train_default.py \
