@@ -448,3 +448,17 @@ def test_cuda_graphs_match_eager():
         assert rel < 2e-2, (n, width, rel)
     assert graphed.graphs is not None and not graphed.graphs.failed
     assert len(graphed.graphs.entries) >= 3
+
+
+def test_parallel_decode_workers_keep_order_and_results(tiny_model_dir, tmp_path, monkeypatch):
+    import astromer_fast
+
+    path = tmp_path / "survey.parquet"
+    _write_big(path, 300, seed=3)
+    kw = dict(model=str(tiny_model_dir), read_batch_rows=37, progress=False, device="cpu")
+    monkeypatch.setenv("ASTROMER_FAST_DECODE_WORKERS", "1")
+    one = astromer_fast.embed(str(path), **kw)
+    monkeypatch.setenv("ASTROMER_FAST_DECODE_WORKERS", "3")
+    three = astromer_fast.embed(str(path), **kw)
+    assert one["id"].to_pylist() == three["id"].to_pylist()
+    np.testing.assert_array_equal(emb_of(one), emb_of(three))

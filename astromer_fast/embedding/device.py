@@ -13,6 +13,7 @@ around each stage so the per-stage timers are device times (costs some overlap).
 from __future__ import annotations
 
 import os
+import threading
 import time
 import warnings
 
@@ -23,10 +24,13 @@ from astromer_fast.model import masked_mean
 
 
 class Timers(dict):
-    """Seconds spent per stage (summed over calls)."""
+    """Seconds spent per stage (summed over calls; safe to add from several threads)."""
+
+    _lock = threading.Lock()
 
     def add(self, name, seconds):
-        self[name] = self.get(name, 0.0) + seconds
+        with self._lock:
+            self[name] = self.get(name, 0.0) + seconds
 
 
 class WindowEncoder:
@@ -71,10 +75,12 @@ class WindowEncoder:
         return masked_mean(out.last.float(), valid)
 
     def _to_device(self, a, sl):
-        x = a[sl]
         if self.cuda:
-            return x.to(self.device, non_blocking=True)
-        return x
+            # Copy whole rows (one contiguous block of pinned memory, truly asynchronous) and cut
+            # the width on the device: a column slice is strided, and a strided host tensor is
+            # staged through pageable memory, which makes the copy synchronous.
+            return a[sl[0]].to(self.device, non_blocking=True)[:, sl[1]]
+        return a[sl]
 
     @torch.inference_mode()
     def run(self, chunk, per_window: bool = False):
