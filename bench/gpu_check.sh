@@ -65,4 +65,6 @@ timeout "${BO_S:-75}" python "$B/bench_ops.py" --device cuda --windows 4096 --co
 el "bench_ops rc=$?"; tail -25 "$W/bench_ops.txt"; pack
 timeout "${BE_S:-90}" python "$B/bench_embed.py" --device cuda --curves 50000 --naive-curves 200 --batch-size 4096 --read-rows 8192 --json "$W/bench_embed.json" > "$W/bench_embed.txt" 2>&1
 el "bench_embed rc=$?"; tail -20 "$W/bench_embed.txt"; pack
+timeout "${BT_S:-60}" python "$B/bench_train.py" --device cuda --batch-size 512 --steps 150 --json "$W/bench_train.json" > "$W/bench_train.txt" 2>&1
+el "bench_train rc=$?"; tail -5 "$W/bench_train.txt"; pack
 el "done"
