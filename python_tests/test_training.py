@@ -166,9 +166,13 @@ def test_tiny_model_overfits_a_few_windows():
                       patience=None, same_frac=1.0, random_frac=0.0, schedule="constant",
                       checkpoint_every=10_000)
     # same_frac=1: every probed value is visible, so the task is an identity map to learn.
+    from astromer_fast.training.data import epoch_windows
+    from astromer_fast.training.trainer import evaluate
+
+    before = evaluate(model, epoch_windows(data.curves, 0), s, torch.device("cpu"), False)
     res = train(model, data, data, None, settings=s, log=None)
-    first, last = res.history[0], res.history[-1]
-    assert last["val_loss"] < 0.02 and last["val_loss"] < 0.25 * first["train_loss"]
+    last = res.history[-1]
+    assert last["val_loss"] < 0.02 and last["val_loss"] < 0.1 * before["loss"]
     assert last["val_r2"] > 0.99
 
 

@@ -26,9 +26,45 @@ def _load(name: str) -> tuple[ModuleType | None, BaseException | None]:
             try:
                 hit = (importlib.import_module(f"astromer_fast.{name}"), None)
             except ImportError as exc:  # missing file, or an unloadable one (ABI, libraries)
-                hit = (None, exc)
+                mod = _from_installed_copy(name)
+                hit = (mod, None) if mod is not None else (None, exc)
             _cache[name] = hit
     return hit
+
+
+def _from_installed_copy(name: str) -> ModuleType | None:
+    """The compiled module of the installed distribution, when this package was imported from an
+    unbuilt source tree that shadows it. That happens to Ray workers, which put the driver's
+    working directory first on sys.path: run from a checkout, they would import the sources and
+    silently fall back to other kernels (different rounding) from the driver. Only a
+    distribution of the same version is used."""
+    import importlib.util
+    from importlib import metadata
+    from pathlib import Path
+
+    from astromer_fast import __version__
+
+    try:
+        dist = metadata.distribution("astromer-fast")
+    except metadata.PackageNotFoundError:
+        return None
+    if dist.version != __version__:
+        return None
+    here = Path(__file__).resolve().parent.parent
+    for f in dist.files or []:
+        if len(f.parts) == 2 and f.parts[0] == "astromer_fast" and f.name.startswith(name + ".") \
+                and f.suffix in (".so", ".pyd"):
+            path = Path(f.locate()).resolve()
+            if not path.is_file() or path.parent == here:
+                continue
+            try:
+                spec = importlib.util.spec_from_file_location(f"astromer_fast.{name}", path)
+                mod = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(mod)
+                return mod
+            except ImportError:
+                return None
+    return None
 
 
 def cpu_ext() -> ModuleType | None:
