@@ -462,3 +462,23 @@ def test_parallel_decode_workers_keep_order_and_results(tiny_model_dir, tmp_path
     three = astromer_fast.embed(str(path), **kw)
     assert one["id"].to_pylist() == three["id"].to_pylist()
     np.testing.assert_array_equal(emb_of(one), emb_of(three))
+
+
+def test_long_table_not_grouped_by_id_is_an_error(model_dir, tmp_path):
+    import astromer_fast
+
+    rng = np.random.default_rng(0)
+    # Object "a" comes back after "b" ended, in a later read batch: that would become two curves.
+    ids = ["a"] * 30 + ["b"] * 30 + ["a"] * 30
+    t = pa.table({"objectId": ids, "mjd": np.arange(90, dtype=np.float64) + 58000.0,
+                  "mag": rng.normal(18, 0.1, 90), "magerr": np.full(90, 0.05)})
+    path = tmp_path / "long.parquet"
+    pq.write_table(t, path, row_group_size=20)
+    with pytest.raises(ValueError, match="long.parquet.*'a' are not contiguous"):
+        astromer_fast.embed(str(path), tmp_path / "out", model=model_dir, device="cpu",
+                            progress=False, long_batch_rows=25)
+    # Grouped (rows of an object together, in any order inside): fine.
+    ok = t.take(pa.array(list(range(30)) + list(range(60, 90)) + list(range(30, 60))))
+    res = astromer_fast.embed(ok, model=model_dir, device="cpu", progress=False,
+                              long_batch_rows=25)
+    assert sorted(res["id"].to_pylist()) == ["a", "b"]

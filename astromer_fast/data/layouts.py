@@ -398,10 +398,30 @@ def _decode_long(batch, layout: Layout) -> DecodedCurves:
                          curves, {}, n)
 
 
-def iter_grouped(batches, id_col: str):
+class NotGroupedError(ValueError):
+    """A long table whose rows of one object are not contiguous."""
+
+
+def iter_grouped(batches, id_col: str, where: str = "long table"):
     """Regroup the record batches of a long table (grouped by id) so that no object is split
-    between two yielded tables: the trailing object of each batch is carried into the next."""
+    between two yielded tables: the trailing object of each batch is carried into the next.
+
+    Rows must be grouped by id (any order of objects, any order within one). An id that comes
+    back after its rows ended would silently become two curves, so it raises
+    ``NotGroupedError`` naming the id instead (the ids already finished are remembered: memory
+    grows with the number of objects, not of observations)."""
     carry = None
+    done: set = set()
+
+    def check(tbl):
+        ids = pc.unique(_as_string(tbl.column(id_col))).to_pylist()
+        again = [i for i in ids if i in done]
+        if again:
+            raise NotGroupedError(
+                f"{where}: rows of object {again[0]!r} are not contiguous (it appears again after "
+                f"other objects); sort or group the table by {id_col!r} first")
+        done.update(ids)
+
     for rb in batches:
         tbl = pa.Table.from_batches([rb]) if isinstance(rb, pa.RecordBatch) else rb
         if carry is not None:
@@ -416,7 +436,10 @@ def iter_grouped(batches, id_col: str):
         if cut == 0:
             carry = tbl
             continue
-        yield tbl.slice(0, cut)
+        head = tbl.slice(0, cut)
+        check(head)
+        yield head
         carry = tbl.slice(cut)
     if carry is not None and carry.num_rows:
+        check(carry)
         yield carry

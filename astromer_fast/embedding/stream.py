@@ -205,7 +205,7 @@ class Producer:
                 if not self._put(("start", job, layout)):
                     return
                 if layout.kind == "long":
-                    it = iter_grouped(batches(self.long_rows), layout.id)
+                    it = iter_grouped(batches(self.long_rows), layout.id, job.name)
                 else:
                     it = batches(self.rows)
                 # Batches are read in order on this thread and prepared by ``workers`` threads
