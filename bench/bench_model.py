@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import platform
+import re
 import time
 
 import torch
@@ -59,6 +60,9 @@ def variants(device, compile_ref):
                         torch.bfloat16, True))
         else:
             out.append(("reference torch.compile fp32", dict(backend="torch"), None, True))
+    # What a user gets without choosing (on CUDA: backends.CUDA_DEFAULTS).
+    out.append(("astromer_fast defaults bf16 autocast" if cuda else "astromer_fast defaults fp32",
+                dict(backend=None), torch.bfloat16 if cuda else None, False))
     for b in available_backends(device):
         if b == "torch" or (b == "triton" and not cuda):
             continue
@@ -137,6 +141,9 @@ def run(args):
           flush=True)
     rows = []
     for name, kw, amp, compiled in variants(device, args.compile):
+        if args.skip and re.search(args.skip, name):
+            print(f"{name:38s} skipped (--skip)", flush=True)
+            continue
         r = measure(name, kw, amp, compiled, data, args, device)
         rows.append(r)
         base = rows[0]
@@ -177,6 +184,7 @@ if __name__ == "__main__":
     p.add_argument("--compile-timeout", type=float, default=180.0,
                    help="seconds allowed for compiling (and first calls of) the compiled variant")
     p.add_argument("--no-train", action="store_true")
+    p.add_argument("--skip", default=None, help="regex: skip variants whose name matches")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     cuda = a.device.startswith("cuda")

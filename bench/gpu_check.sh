@@ -41,10 +41,13 @@ if [ "$(cat "$W/build.rc")" = 0 ]; then
   [ -n "$DATA" ] && export ASTROMER_FAST_SHARED_DATA="$PWD/$DATA"
   # The tests that exercise the GPU (kernels on every backend, the whole model per backend,
   # CUDA graphs); the CPU-only suite is CI's job.
-  timeout "${TEST_S:-120}" pytest -v -ra --durations=10 -p no:cacheprovider python_tests/test_kernels_input_embedding.py \
-      python_tests/test_kernels_masked_attention.py python_tests/test_kernels_weighted_rmse.py \
+  # Order: what has never passed on a GPU first. pytest-timeout (in the image) stops one stalled
+  # test (Triton fp32 attention stalled at L >= 7 on 2026-11-30) instead of the whole stage.
+  TO=$(python -c "import pytest_timeout" 2>/dev/null && echo "--timeout=60")
+  timeout "${TEST_S:-240}" pytest -v -ra $TO --durations=10 -p no:cacheprovider \
+      python_tests/test_kernels_weighted_rmse.py python_tests/test_kernels_masked_attention.py \
       python_tests/test_model.py "python_tests/test_embed.py::test_cuda_graphs_match_eager" \
-      > "$W/tests.txt" 2>&1
+      python_tests/test_kernels_input_embedding.py > "$W/tests.txt" 2>&1
   el "tests rc=$?"; grep -E "FAILED|ERROR|passed|failed" "$W/tests.txt" | tail -25
 else
   tail -60 "$W/build.txt"
@@ -59,9 +62,9 @@ fi
 [ "$(cat "$W/build.rc")" = 0 ] || { el "no build: benchmarks skipped"; exit 1; }
 cd /tmp  # benchmarks import the installed package, not the source tree
 B="$OLDPWD/bench"
-timeout "${BM_S:-150}" python "$B/bench_model.py" --device cuda --windows 4096 --compile --compile-timeout 45 --json "$W/bench_model.json" > "$W/bench_model.txt" 2>&1
+timeout "${BM_S:-150}" python "$B/bench_model.py" --device cuda --windows 4096 --compile --compile-timeout 45 --skip "${BENCH_SKIP:-triton fp32}" --json "$W/bench_model.json" > "$W/bench_model.txt" 2>&1
 el "bench_model rc=$?"; tail -25 "$W/bench_model.txt"; pack
-timeout "${BO_S:-75}" python "$B/bench_ops.py" --device cuda --windows 4096 --compile --compile-timeout 20 --json "$W/bench_ops.json" > "$W/bench_ops.txt" 2>&1
+timeout "${BO_S:-75}" python "$B/bench_ops.py" --device cuda --windows 4096 --compile --compile-timeout 20 --skip "${BENCH_SKIP:-triton fp32}" --json "$W/bench_ops.json" > "$W/bench_ops.txt" 2>&1
 el "bench_ops rc=$?"; tail -25 "$W/bench_ops.txt"; pack
 timeout "${BE_S:-90}" python "$B/bench_embed.py" --device cuda --curves 50000 --naive-curves 200 --batch-size 4096 --read-rows 8192 --json "$W/bench_embed.json" > "$W/bench_embed.txt" 2>&1
 el "bench_embed rc=$?"; tail -20 "$W/bench_embed.txt"; pack

@@ -537,3 +537,26 @@ def test_torch_compile_inductor_op_cpu():
         return masked_attention(q * 1.0, k, v, kh, backend="cpu") * 2.0
 
     torch.testing.assert_close(f(q, k, v, kh), 2.0 * masked_attention(q, k, v, kh, backend="cpu"))
+
+
+@pytest.mark.parametrize("rule", ["key", "query_or_key_plus1"])
+def test_sdpa_default_path_matches_reference(rule):
+    # What a CUDA tensor gets by default (backends.CUDA_DEFAULTS): checked here on the CPU,
+    # where SDPA runs too, including an all-hidden window and padding.
+    from astromer_fast.kernels.masked_attention import _sdpa, masked_attention_reference
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(3, 4, 23, 64, generator=g, dtype=torch.float64) for _ in range(3))
+    kh = torch.rand(3, 23, generator=g) < 0.3
+    kh[1] = True
+    kh[2, 15:] = True
+    # Against the float32 reference: an all-hidden row's -1e9 swamps its logits in float32 (a
+    # uniform average), as in the model; in float64 the logits would survive the shift.
+    want = masked_attention_reference(q.float(), k.float(), v.float(), kh, rule)[0]
+    got = _sdpa(q.float(), k.float(), v.float(), kh, rule)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # Windows with a valid key also agree with float64 math.
+    exact = masked_attention_reference(q, k, v, kh, rule)[0]
+    keep = ~kh.all(-1)
+    torch.testing.assert_close(got[keep].double(), exact[keep], rtol=1e-4, atol=1e-5)

@@ -35,7 +35,9 @@ _triton_state: tuple[bool, str | None] | None = None
 # kernel is scalar fp32, 0.06x SDPA bf16; the Triton kernel stalled beyond L = 1, not yet
 # understood); the weighted-RMSE kernels ran but the run ended before their GPU tests, and the op
 # is a negligible share of a training step, so the reference stays the default there.
-CUDA_DEFAULTS = {"input_embedding": "triton", "masked_attention": "torch",
+# "sdpa" is torch.nn.functional.scaled_dot_product_attention with the rule's additive mask: an
+# automatic choice only (forcing "torch" always gives the reference math, the test oracle).
+CUDA_DEFAULTS = {"input_embedding": "triton", "masked_attention": "sdpa",
                  "weighted_rmse": "torch"}
 
 
@@ -159,4 +161,6 @@ def op_default(op: str, device: torch.device | str | None) -> str | None:
     if device.type != "cuda":
         return None
     name = CUDA_DEFAULTS.get(op)
+    if name == "sdpa":
+        return name
     return name if name is not None and unavailable_reason(name, device) is None else None

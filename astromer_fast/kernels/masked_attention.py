@@ -333,9 +333,9 @@ def masked_attention(
         return_weights: also return the (B, H, L, L) attention weights (for plots). Computed with
             the plain-PyTorch reference whatever the backend.
         backend: "cuda", "triton", "cpu", "torch", or None/"auto": ``$ASTROMER_FAST_BACKEND`` if
-            set, else the default for the device: ``cpu`` (C++) on the CPU; on CUDA ``torch``,
-            which there means PyTorch's fused SDPA with the rule's additive mask (measured
-            fastest on an H200; see ``backends.CUDA_DEFAULTS``).
+            set, else the default for the device: ``cpu`` (C++) on the CPU; on CUDA, PyTorch's
+            fused SDPA with the rule's additive mask (measured fastest on an H200; see
+            ``backends.CUDA_DEFAULTS``). ``torch`` is always the plain reference math.
 
     Kernel dtypes: the C++ kernel computes in float32 (other dtypes are cast in and the result cast
     back); CUDA and Triton take float32 and bfloat16 natively with float32 accumulation (float16 and
@@ -352,10 +352,10 @@ def masked_attention(
         name = "torch"
     if name is None:
         name = op_default("masked_attention", q.device)
+    if name == "sdpa":  # only ever the automatic choice on CUDA; "torch" stays the oracle
+        return _sdpa(q, k, v, key_hidden, rule)
     name = resolve_backend(q.device, name)
     if name == "torch":
-        if q.device.type == "cuda" and q.dtype != torch.float64:
-            return _sdpa(q, k, v, key_hidden, rule)
         return masked_attention_reference(q, k, v, key_hidden, rule)[0]
     if q.shape[-1] % 16 != 0 or q.shape[-1] > 256:
         raise ValueError(f"masked_attention: backend {name!r} needs hd a multiple of 16 and "
@@ -366,7 +366,7 @@ def masked_attention(
 
 
 def _sdpa(q, k, v, key_hidden, rule):
-    """The ``torch`` backend on CUDA: PyTorch's fused SDPA with the additive mask of the rule
+    """The automatic choice on CUDA: PyTorch's fused SDPA with the additive mask of the rule
     (the same -1e9 / +1 terms as the reference, so all-hidden rows are uniform averages too)."""
     bias = attention_bias_reference(key_hidden, rule, q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
