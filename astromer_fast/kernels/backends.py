@@ -154,6 +154,22 @@ def resolve_backend(device: torch.device | str | None, requested: str | None = N
     return "torch"
 
 
+def pick_backend(op: str, device: torch.device | str | None, dtype: torch.dtype,
+                 requested: str | None = None) -> str:
+    """The backend one call of ``op`` runs on: the requested one (argument, else
+    ``$ASTROMER_FAST_BACKEND``); else ``torch`` for float64 (the kernels compute in float32);
+    else the per-op default on CUDA (``CUDA_DEFAULTS``, possibly the pseudo-backend ``"sdpa"``);
+    else the fastest available for ``device``."""
+    name = requested_backend(requested)
+    if name is None and dtype == torch.float64:
+        name = "torch"
+    if name is None:
+        name = op_default(op, device)
+        if name == "sdpa":
+            return name
+    return resolve_backend(device, name)
+
+
 def op_default(op: str, device: torch.device | str | None) -> str | None:
     """The per-op default for ``device`` (see ``CUDA_DEFAULTS``), or None for the generic order.
     Only consulted when no backend was requested (argument or environment)."""

@@ -25,12 +25,7 @@ import torch
 from torch import Tensor
 
 from astromer_fast.kernels import _checks, _ext
-from astromer_fast.kernels.backends import (
-    BACKENDS,
-    op_default,
-    requested_backend,
-    resolve_backend,
-)
+from astromer_fast.kernels.backends import BACKENDS, pick_backend, resolve_backend
 
 __all__ = ["OP_NAME", "input_embedding", "input_embedding_reference"]
 
@@ -274,12 +269,7 @@ def input_embedding(
     """
     _validate(t, m, hidden, w, b, token, base)
     out_dtype = _result_dtype(t, m, w, b, token)
-    name = requested_backend(backend)
-    if name is None and out_dtype == torch.float64:
-        name = "torch"
-    if name is None:
-        name = op_default("input_embedding", t.device)
-    name = resolve_backend(t.device, name)
+    name = pick_backend("input_embedding", t.device, out_dtype, backend)
     if token is None:
         hidden = None
 

@@ -31,12 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from astromer_fast.kernels import _checks, _ext
-from astromer_fast.kernels.backends import (
-    BACKENDS,
-    op_default,
-    requested_backend,
-    resolve_backend,
-)
+from astromer_fast.kernels.backends import BACKENDS, pick_backend, resolve_backend
 
 __all__ = [
     "AttentionMask",
@@ -347,14 +342,9 @@ def masked_attention(
         q, k, v = q.to(dt), k.to(dt), v.to(dt)
     if return_weights:
         return masked_attention_reference(q, k, v, key_hidden, rule)
-    name = requested_backend(backend)
-    if name is None and q.dtype == torch.float64:
-        name = "torch"
-    if name is None:
-        name = op_default("masked_attention", q.device)
+    name = pick_backend("masked_attention", q.device, q.dtype, backend)
     if name == "sdpa":  # only ever the automatic choice on CUDA; "torch" stays the oracle
         return _sdpa(q, k, v, key_hidden, rule)
-    name = resolve_backend(q.device, name)
     if name == "torch":
         return masked_attention_reference(q, k, v, key_hidden, rule)[0]
     if q.shape[-1] % 16 != 0 or q.shape[-1] > 256:

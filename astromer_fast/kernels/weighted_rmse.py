@@ -28,12 +28,7 @@ import torch
 from torch import Tensor
 
 from astromer_fast.kernels import _checks, _ext
-from astromer_fast.kernels.backends import (
-    BACKENDS,
-    op_default,
-    requested_backend,
-    resolve_backend,
-)
+from astromer_fast.kernels.backends import BACKENDS, pick_backend, resolve_backend
 
 __all__ = ["OP_BWD", "OP_NAME", "error_weights", "weighted_rmse", "weighted_rmse_reference"]
 
@@ -290,12 +285,7 @@ def weighted_rmse(
     (and so is its gradient).
     """
     _validate(pred, target, err, probed, valid)
-    name = requested_backend(backend)
-    if name is None and pred.dtype == torch.float64:
-        name = "torch"
-    if name is None:
-        name = op_default("weighted_rmse", pred.device)
-    name = resolve_backend(pred.device, name)
+    name = pick_backend("weighted_rmse", pred.device, pred.dtype, backend)
     if name == "torch":
         return weighted_rmse_reference(pred, target, err, probed, valid)
 
