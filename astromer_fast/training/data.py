@@ -144,8 +144,8 @@ def load_training_curves(sources, *, exclude_split: str | None = "test", split_c
     Rows whose ``split_col`` equals ``exclude_split`` are left out (held out for evaluation).
     Cleaning: ``basic_clean`` (non-finite values, duplicate times, unsorted input), then the
     official cleaning (0 < err < 1, 1st..99th percentile of magnitude); then the optional paper
-    filter; curves with fewer than ``min_obs`` observations left are dropped. Training needs
-    errors for its weighted loss: curves without an error column get unit errors.
+    filter; curves with fewer than ``min_obs`` observations left are dropped (see
+    ``select_training_curves``; curves without errors get a constant one, ``with_errors``).
     """
     counts = {"read": 0}
     parts, ids, srcs = [], [], []
@@ -174,8 +174,7 @@ def load_training_curves(sources, *, exclude_split: str | None = "test", split_c
             id_arr = np.asarray(dec.ids.to_pylist(), dtype=object)[sel]
         else:
             id_arr = np.asarray(dec.ids.to_pylist(), dtype=object)
-        if c.err is None:
-            c = Curves(c.time, c.mag, np.full(c.n_obs, 0.1, np.float32), c.offsets)
+        c = with_errors(c)  # per file: files with errors keep theirs when concatenated
         counts["read"] += len(c)
         parts.append(c)
         ids.append(id_arr)
@@ -183,8 +182,26 @@ def load_training_curves(sources, *, exclude_split: str | None = "test", split_c
     curves = _concat_curves(parts)
     ids = np.concatenate(ids) if ids else np.zeros(0, object)
     sources_idx = np.concatenate(srcs) if srcs else np.zeros(0, np.int64)
+    return select_training_curves(curves, ids, sources_idx, files, counts, min_obs=min_obs,
+                                  curve_filter=curve_filter, log=log)
 
-    curves, _ = basic_clean(curves)
+
+def with_errors(c: Curves) -> Curves:
+    """Training needs errors for its weighted loss: curves without any get a constant error,
+    which the loss's per-window min-max scaling turns into uniform weights."""
+    if c.err is not None:
+        return c
+    return Curves(c.time, c.mag, np.full(c.n_obs, 0.1, np.float32), c.offsets)
+
+
+def select_training_curves(curves: Curves, ids, sources, files, counts: dict | None = None, *,
+                           min_obs: int = 5, curve_filter: CurveFilter | None = None,
+                           log=None) -> TrainingCurves:
+    """Clean (``basic_clean``, then the official cleaning) and select (at least ``min_obs``
+    observations left, then the optional paper filter) curves already read; ``ids``/``sources``
+    run along ``curves``. ``counts`` receives how many were left out and why."""
+    counts = {"read": len(curves)} if counts is None else counts
+    curves, _ = basic_clean(with_errors(curves))
     curves, _ = official_clean(curves)
     keep = curves.lengths >= max(min_obs, 1)
     counts[f"fewer than {min_obs} obs after cleaning"] = int((~keep).sum())
@@ -193,7 +210,8 @@ def load_training_curves(sources, *, exclude_split: str | None = "test", split_c
         counts["paper filter (noise-like)"] = int((keep & ~passed).sum())
         keep &= passed
     idx = np.flatnonzero(keep)
-    out = TrainingCurves(curves.take(idx), ids[idx], sources_idx[idx], files, counts)
+    out = TrainingCurves(curves.take(idx), np.asarray(ids)[idx], np.asarray(sources)[idx],
+                         list(files), counts)
     counts["kept"] = len(out)
     if log:
         log(f"curves: {counts}")

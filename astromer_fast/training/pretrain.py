@@ -10,7 +10,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from astromer_fast.training.data import CurveFilter, TrainingCurves, load_training_curves
+from astromer_fast.training.data import (
+    CurveFilter,
+    TrainingCurves,
+    load_training_curves,
+    select_training_curves,
+)
 from astromer_fast.training.trainer import TrainResult, TrainSettings, train
 
 # Finetuning continues a trained model: a smaller learning rate, a short warm-up, no paper filter
@@ -20,19 +25,14 @@ FINETUNE_DEFAULTS = dict(lr=1e-4, warmup_steps=50, val_every=50, patience=5, max
 
 
 def _load_model(model, *, default_packaged: bool = False):
+    """A model to train: as given; loaded by name or path (``load_model``, whose ``None`` is the
+    packaged default); or, for ``None`` without ``default_packaged``, a fresh Astromer 2."""
     from astromer_fast.model import Astromer
+    from astromer_fast.weights.official_loader import load_model
 
-    if model is None and default_packaged:
-        from astromer_fast.weights.packaged import DEFAULT_MODEL
-
-        model = DEFAULT_MODEL
-    if model is None:
+    if model is None and not default_packaged:
         return Astromer()
-    if isinstance(model, (str, Path)):
-        from astromer_fast.weights.official_loader import load_model
-
-        return load_model(model)
-    return model
+    return load_model(model) if model is None or isinstance(model, (str, Path)) else model
 
 
 def pretrain(sources, out_dir, *, model=None, settings: TrainSettings | None = None,
@@ -69,20 +69,16 @@ def finetune(model, curves, settings: TrainSettings | None = None, out_dir=None,
     held out. Defaults: ``FINETUNE_DEFAULTS`` (lr 1e-4, 20 epochs, early stopping). Returns a
     ``TrainResult`` whose ``.model`` is the finetuned model (the best validation state when a
     validation set exists and ``out_dir`` is given, else the last)."""
-    from astromer_fast.data import Curves, basic_clean, official_clean
+    from astromer_fast.data import Curves
 
     s = settings or TrainSettings(**FINETUNE_DEFAULTS)
     model = _load_model(model, default_packaged=True)
     if isinstance(curves, TrainingCurves):
         data = curves
     elif isinstance(curves, Curves):
-        c, _ = basic_clean(curves)
-        c, _ = official_clean(c)
-        if c.err is None:
-            c = Curves(c.time, c.mag, np.full(c.n_obs, 0.1, np.float32), c.offsets)
-        keep = np.flatnonzero(c.lengths >= 5)
-        data = TrainingCurves(c.take(keep), np.arange(len(keep)).astype(object),
-                              np.zeros(len(keep), np.int64), ["<curves>"])
+        n = len(curves)
+        data = select_training_curves(curves, np.arange(n).astype(object), np.zeros(n, np.int64),
+                                      ["<curves>"])
     else:
         table = curves if isinstance(curves, pa.Table) else None
         data = load_training_curves(None if table is not None else curves, table=table,
