@@ -52,7 +52,7 @@ from astromer_fast.data.layouts import _as_string
 from astromer_fast.distributed._core import (DistributedSummary, TaskRunner, combined_schema,
                                               drive, embed_table, plan, prepare_outputs,
                                               split_options, split_rejects, _crash_once)
-from astromer_fast.embedding.embed import BatchEmbedder, _weights_sha256
+from astromer_fast.embedding.embed import BatchEmbedder, weights_sha256
 
 __all__ = ["embed_partition", "partition_meta", "embed_dataframe", "embed_catalog",
            "embed_files", "split_rejects"]
@@ -65,7 +65,7 @@ def _key(options: dict, extra=()):
     model = options.get("model")
     if model is not None and not isinstance(model, (str, bytes)) and \
             not hasattr(model, "__fspath__"):
-        model = ("weights", _weights_sha256(model)[0])  # an Astromer arrives unpickled per task
+        model = ("weights", weights_sha256(model)[0])  # an Astromer arrives unpickled per task
     items = tuple(sorted((k, repr(v)) for k, v in options.items() if k != "model"))
     return (repr(model), items) + tuple(extra)
 

@@ -174,7 +174,9 @@ class _Sink:
             _tmp(self.rdest).unlink(missing_ok=True)
 
 
-def _weights_sha256(model) -> tuple[str, str]:
+def weights_sha256(model) -> tuple[str, str]:
+    """(sha256 hex, what was hashed) identifying a model's weights: its safetensors file when it
+    was loaded from one, else its state dict (float32, keys sorted)."""
     info = getattr(model, "pretrained_info", None) or {}
     if info.get("sha256"):
         return info["sha256"], "file"
@@ -190,7 +192,7 @@ def _metadata(model, *, window_mode, min_obs, layout=None, layers=False, per_win
     from astromer_fast import __version__
 
     info = getattr(model, "pretrained_info", {}) or {}
-    sha, sha_of = sha or _weights_sha256(model)
+    sha, sha_of = sha or weights_sha256(model)
     return {b"astromer_fast": json.dumps({
         "version": __version__,
         "model": model.config.name,
@@ -283,7 +285,7 @@ class BatchEmbedder:
         self.prep_kw = dict(window=self.net.config.window, window_mode=window_mode,
                             min_obs=min_obs, cuda=self.device.type == "cuda", bands=self.bands)
         self.meta_kw = dict(window_mode=window_mode, min_obs=min_obs, layers=layers,
-                            per_window=per_window, bands=self.bands, sha=_weights_sha256(self.net))
+                            per_window=per_window, bands=self.bands, sha=weights_sha256(self.net))
         self.timers = timers if timers is not None else Timers()
         self.encoder = WindowEncoder(self.net, self.device, batch_size=batch_size, layers=layers,
                                      timers=self.timers)

@@ -16,16 +16,10 @@ import torch
 
 
 def model_fingerprint(model) -> str:
-    """A short, stable identity of a model's weights: the safetensors file hash when the model
-    came from one, else a hash of its state dict."""
-    info = getattr(model, "pretrained_info", None) or {}
-    if info.get("sha256"):
-        return info["sha256"][:16]
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    """A short, stable identity of a model's weights (the hash embed records in its outputs)."""
+    from astromer_fast.embedding.embed import weights_sha256
+
+    return weights_sha256(model)[0][:16]
 
 
 def embed_curves(model, curves, *, device=None, batch_size: int = 256,
