@@ -168,6 +168,7 @@ def _bwd_delta_kernel(O, DO, Delta, n_rows, HD: tl.constexpr, BLOCK_D: tl.conste
 
 
 _cache: dict[bool, tuple] = {}
+_FP32_STAGES = 1
 
 
 def _rebound(fn, g):
@@ -202,14 +203,20 @@ def _meta(q: torch.Tensor, L: int):
 
     hd = q.shape[-1]
     block_d = triton.next_power_of_2(max(hd, 16))
+    launch = dict(num_warps=4)
     if triton_interpret_enabled():
         bm = bn = 16
-        warps = 1
+        launch["num_warps"] = 1
     else:
         bm, bn = 64, 64
-        warps = 4
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    return dict(HD=hd, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, PREC=prec), warps
+    if q.dtype == torch.float32:
+        # fp32 dots run on FMA units, so the cp.async software pipeline buys little, and with it
+        # (Triton 3.6's default of 3 stages) the fp32 kernels stalled on the H200 at L = 7 on
+        # 2026-11-30, cause unknown. One stage is the suspect-free variant; `tools/
+        # triton_attention_probe.py` times each variant on a GPU to settle it.
+        launch["num_stages"] = _FP32_STAGES
+    return dict(HD=hd, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, PREC=prec), launch
 
 
 def _all_hidden(kh: torch.Tensor) -> torch.Tensor:
@@ -220,31 +227,31 @@ def forward(q, k, v, kh, rule: int, scale: float, out, lse) -> None:
     """Fill out (B, H, L, hd) and lse (B, H, L) fp32 from contiguous q, k, v and uint8 kh (B, L)."""
     fwd = _kernels()[0]
     B, H, L, _ = q.shape
-    meta, warps = _meta(q, L)
+    meta, launch = _meta(q, L)
     # (b, h) on grid axis 0: axis 1 is limited to 65535, and B * H reaches 8192 * 4 and more.
     grid = (B * H, triton.cdiv(L, meta["BLOCK_M"]))
     fwd[grid](q, k, v, kh, _all_hidden(kh), out, lse, H, L, float(scale), RULE=rule,
-              num_warps=warps, **meta)
+              **launch, **meta)
 
 
 def backward(do, q, k, v, out, lse, kh, rule: int, scale: float, dq, dk, dv) -> None:
     _, dkdv, dqk, delta_k = _kernels()
     B, H, L, hd = q.shape
-    meta, warps = _meta(q, L)
+    meta, launch = _meta(q, L)
     # rowsum(dO * O) in one pass: in PyTorch it would materialise two fp32 copies of (B, H, L, hd).
     delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     n_rows = B * H * L
     block_r = 16 if meta["BLOCK_M"] <= 16 else 64
     delta_k[(triton.cdiv(n_rows, block_r),)](out, do, delta, n_rows, HD=hd,
                                              BLOCK_D=meta["BLOCK_D"], BLOCK_R=block_r,
-                                             num_warps=warps)
+                                             num_warps=launch["num_warps"])
     allh = _all_hidden(kh)
     dkdv[(B * H, triton.cdiv(L, meta["BLOCK_N"]))](
         q, k, v, kh, allh, do, lse, delta, dk, dv, H, L, float(scale), RULE=rule,
-        num_warps=warps, **meta)
+        **launch, **meta)
     dqk[(B * H, triton.cdiv(L, meta["BLOCK_M"]))](
         q, k, v, kh, allh, do, lse, delta, dq, H, L, float(scale), RULE=rule,
-        num_warps=warps, **meta)
+        **launch, **meta)
 
 
 __all__ = ["backward", "forward"]
