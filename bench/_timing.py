@@ -3,6 +3,7 @@ repository root, so this module is importable as ``_timing``)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import statistics
 import threading
@@ -83,6 +84,21 @@ def time_limit(seconds: float | None):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+
+
+@contextlib.contextmanager
+def environ(env: dict | None):
+    """Environment variables set for the duration, then restored (None: nothing changes)."""
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def failure_text(exc: BaseException) -> str:

@@ -20,6 +20,7 @@ that raises gets a row with its error; the others still run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import platform
@@ -29,10 +30,12 @@ import time
 import torch
 
 from astromer_fast import Astromer, AstromerConfig
-from astromer_fast.kernels import available_backends
+from astromer_fast.kernels import available_backends, backends
 from astromer_fast.training import weighted_rmse
 
-from _timing import failure_text, time_limit, timed_median
+from _timing import environ, failure_text, time_limit, timed_median
+
+SDPA_BF16 = "reference eager bf16 SDPA + key mask"
 
 NAN = float("nan")
 
@@ -49,11 +52,11 @@ def make_batch(n, L, device, seed=0):
 
 
 def variants(device, compile_ref):
-    """(name, model kwargs, autocast dtype or None, compiled)."""
+    """(name, model kwargs, autocast dtype or None, compiled[, setup]); setup may override
+    per-op defaults (``defaults``) and environment variables (``env``) while the variant runs."""
     cuda = device.type == "cuda"
     out = [("reference eager fp32", dict(backend="torch"), None, False),
-           ("reference eager bf16 SDPA + key mask", dict(backend="torch", use_sdpa=True),
-            torch.bfloat16, False)]
+           (SDPA_BF16, dict(backend="torch", use_sdpa=True), torch.bfloat16, False)]
     if compile_ref:
         if cuda:
             out.append(("reference torch.compile bf16 SDPA", dict(backend="torch", use_sdpa=True),
@@ -63,6 +66,14 @@ def variants(device, compile_ref):
     # What a user gets without choosing (on CUDA: backends.CUDA_DEFAULTS).
     out.append(("astromer_fast defaults bf16 autocast" if cuda else "astromer_fast defaults fp32",
                 dict(backend=None), torch.bfloat16 if cuda else None, False))
+    if cuda:
+        # Candidates for the attention default, with the other ops on their defaults: Triton's
+        # tl.dot kernels and the CUDA tensor-core (WMMA) kernels, both on tensor cores in bf16.
+        out.append(("defaults, attention triton, bf16", dict(backend=None), torch.bfloat16, False,
+                    dict(defaults={"masked_attention": "triton"})))
+        out.append(("defaults, attention cuda tc, bf16", dict(backend=None), torch.bfloat16, False,
+                    dict(defaults={"masked_attention": "cuda"},
+                         env={"ASTROMER_FAST_CUDA_ATTENTION": "tensor_cores"})))
     for b in available_backends(device):
         if b == "torch" or (b == "triton" and not cuda):
             continue
@@ -71,7 +82,25 @@ def variants(device, compile_ref):
     return out
 
 
-def measure(name, kw, amp, compiled, data, args, device):
+@contextlib.contextmanager
+def _setup(defaults=None, env=None):
+    """Per-op defaults (backends.CUDA_DEFAULTS) and environment variables, restored afterwards."""
+    saved = dict(backends.CUDA_DEFAULTS)
+    backends.CUDA_DEFAULTS.update(defaults or {})
+    try:
+        with environ(env):
+            yield
+    finally:
+        backends.CUDA_DEFAULTS.clear()
+        backends.CUDA_DEFAULTS.update(saved)
+
+
+def measure(name, kw, amp, compiled, data, args, device, setup=None):
+    with _setup(**(setup or {})):
+        return _measure(name, kw, amp, compiled, data, args, device)
+
+
+def _measure(name, kw, amp, compiled, data, args, device):
     t, m, valid, err, probed = data
     hidden = ~valid
     row = dict(variant=name, embed_s=NAN, train_s=NAN, compile_s=NAN, error=None)
@@ -140,21 +169,27 @@ def run(args):
     print(f"{'variant':38s} {'embed win/s':>12s} {'ratio':>7s} {'train win/s':>12s} {'ratio':>7s}",
           flush=True)
     rows = []
-    for name, kw, amp, compiled in variants(device, args.compile):
+    for name, kw, amp, compiled, *setup in variants(device, args.compile):
         if args.skip and re.search(args.skip, name):
             print(f"{name:38s} skipped (--skip)", flush=True)
             continue
-        r = measure(name, kw, amp, compiled, data, args, device)
+        r = measure(name, kw, amp, compiled, data, args, device, *setup)
         rows.append(r)
         base = rows[0]
+        # The issue's GPU goals are ratios to eager bf16 SDPA (embed >= 1.5x, train >= 1.3x).
+        sdpa = next((x for x in rows if x["variant"] == SDPA_BF16 and not x["error"]), None)
         for k in ("embed", "train"):
             r[f"{k}_ratio"] = r[f"{k}_windows_per_s"] / base[f"{k}_windows_per_s"]
+            if cuda and sdpa is not None:
+                r[f"{k}_vs_sdpa_bf16"] = r[f"{k}_windows_per_s"] / sdpa[f"{k}_windows_per_s"]
         if r["error"]:
             print(f"{name:38s} FAILED: {r['error']}", flush=True)
             _dump(args, device, hw, rows)
             continue
         line = (f"{name:38s} {r['embed_windows_per_s']:12.1f} {r['embed_ratio']:7.2f} "
                 f"{r['train_windows_per_s']:12.1f} {r['train_ratio']:7.2f}")
+        if "embed_vs_sdpa_bf16" in r:
+            line += f"   vs SDPA bf16: {r['embed_vs_sdpa_bf16']:.2f} / {r['train_vs_sdpa_bf16']:.2f}"
         if math.isfinite(r["compile_s"]):
             line += f"  (compile + first calls {r['compile_s']:.1f} s)"
         print(line, flush=True)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from astromer_fast.kernels import available_backends
 
-from _timing import failure_text, time_limit, timed_median
+from _timing import environ, failure_text, time_limit, timed_median
 
 OP_BENCHES: list[tuple[str, Callable]] = []  # (op name, bench function), in registration order
 
@@ -114,7 +114,7 @@ def bench_masked_attention(args) -> list:
     def sdpa(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attention_bias(kh, "key", q.dtype))
 
-    def variant(fn, dt, compiled=False):
+    def variant(fn, dt, compiled=False, env=None):
         def make():
             f = torch.compile(fn) if compiled else fn
             q, k, v = (x.to(dt) for x in base)
@@ -122,11 +122,13 @@ def bench_masked_attention(args) -> list:
             do = dout.to(dt)
 
             def fwd():
-                with torch.no_grad():
+                with torch.no_grad(), environ(env):
                     f(q, k, v)
 
             def fwd_bwd():
-                torch.autograd.grad(f(qg, kg, vg), (qg, kg, vg), do)
+                # (the backward reads the environment too, so it spans both)
+                with environ(env):
+                    torch.autograd.grad(f(qg, kg, vg), (qg, kg, vg), do)
 
             return fwd, fwd_bwd
         return make
@@ -143,6 +145,10 @@ def bench_masked_attention(args) -> list:
         for dt in ((torch.float32, torch.bfloat16) if cuda else (torch.float32,)):
             fn = lambda q, k, v, b=b: masked_attention(q, k, v, kh, "key", backend=b)  # noqa: E731
             out.append((f"{b} {_dt_name(dt)}", variant(fn, dt)))
+            if b == "cuda" and dt == torch.bfloat16:
+                # The tensor-core (WMMA) kernels, opt-in until they have passed on a GPU.
+                out.append(("cuda tensor_cores bf16",
+                            variant(fn, dt, env={"ASTROMER_FAST_CUDA_ATTENTION": "tensor_cores"})))
     return out
 
 
