@@ -48,10 +48,11 @@ void masked_attention_forward(std::uintptr_t q, std::uintptr_t k, std::uintptr_t
                               std::uintptr_t key_hidden, bool bf16, std::int64_t batch,
                               std::int64_t heads, std::int64_t length, std::int64_t head_dim,
                               int rule, double scale, std::uintptr_t out, std::uintptr_t lse,
-                              int device, std::uintptr_t stream) {
+                              int device, std::uintptr_t stream, bool tensor_cores) {
   auto a = masked_attention_args<kcuda::MaskedAttentionArgs>(q, k, v, key_hidden, batch, heads,
                                                              length, head_dim, rule, scale, out, lse);
   a.bf16 = bf16;
+  a.tensor_cores = tensor_cores;
   raise_if_error(kcuda::masked_attention_forward(a, device, as_ptr<void>(stream)));
 }
 
@@ -61,11 +62,12 @@ void masked_attention_backward(std::uintptr_t q, std::uintptr_t k, std::uintptr_
                                std::int64_t heads, std::int64_t length, std::int64_t head_dim,
                                int rule, double scale, std::uintptr_t dq, std::uintptr_t dk,
                                std::uintptr_t dv, std::uintptr_t delta, int device,
-                               std::uintptr_t stream) {
+                               std::uintptr_t stream, bool tensor_cores) {
   kcuda::MaskedAttentionBackwardArgs g;
   g.fwd = masked_attention_args<kcuda::MaskedAttentionArgs>(q, k, v, key_hidden, batch, heads,
                                                             length, head_dim, rule, scale, out, lse);
   g.fwd.bf16 = bf16;
+  g.fwd.tensor_cores = tensor_cores;
   set_masked_attention_grads(g, dout, dq, dk, dv);
   set_ptr(g.delta, delta);
   raise_if_error(kcuda::masked_attention_backward(g, device, as_ptr<void>(stream)));
@@ -109,19 +111,21 @@ PYBIND11_MODULE(_C_cuda, mod) {
   mod.def("masked_attention_forward", &masked_attention_forward,
           "Enqueue masked attention (SPEC.md section 3) on (B, H, L, 64) float32/bfloat16 device "
           "buffers on `stream`: out and float32 lse. rule 0 = key, 1 = query_or_key_plus1. "
-          "Not yet run on a GPU.",
+          "tensor_cores=True: bf16 WMMA kernels where supported (bf16, L <= 256, sm_80+), "
+          "else the scalar ones. Not yet run on a GPU.",
           py::arg("q"), py::arg("k"), py::arg("v"), py::arg("key_hidden"), py::arg("bf16"),
           py::arg("batch"), py::arg("heads"), py::arg("length"), py::arg("head_dim"),
           py::arg("rule"), py::arg("scale"), py::arg("out"), py::arg("lse"), py::arg("device"),
-          py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+          py::arg("stream"), py::arg("tensor_cores") = false,
+          py::call_guard<py::gil_scoped_release>());
   mod.def("masked_attention_backward", &masked_attention_backward,
           "Enqueue dq, dk, dv of masked attention (recomputing P from lse); delta is a float32 "
-          "(B, H, L) workspace. Not yet run on a GPU.",
+          "(B, H, L) workspace. tensor_cores as for the forward. Not yet run on a GPU.",
           py::arg("q"), py::arg("k"), py::arg("v"), py::arg("key_hidden"), py::arg("out"),
           py::arg("lse"), py::arg("dout"), py::arg("bf16"), py::arg("batch"), py::arg("heads"),
           py::arg("length"), py::arg("head_dim"), py::arg("rule"), py::arg("scale"), py::arg("dq"),
           py::arg("dk"), py::arg("dv"), py::arg("delta"), py::arg("device"), py::arg("stream"),
-          py::call_guard<py::gil_scoped_release>());
+          py::arg("tensor_cores") = false, py::call_guard<py::gil_scoped_release>());
   mod.def("device_count", &astromer_fast::cuda::cuda_device_count,
           "Number of CUDA devices visible to this module's runtime (0 without a driver).");
   mod.def("build_info", &build_info, "Compiler, CUDA versions and target architectures.");

@@ -393,6 +393,8 @@ const char* masked_attention_forward(const MaskedAttentionArgs& a, int device, v
   DeviceGuard guard(device);
   if (guard.status() != cudaSuccess)
     return detail::named_error("masked_attention: cudaSetDevice", guard.status());
+  if (a.tensor_cores && masked_attention_tc_supported(a))
+    return masked_attention_forward_tc(a, stream);
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   return a.bf16 ? launch_forward<__nv_bfloat16>(a, s) : launch_forward<float>(a, s);
 }
@@ -408,6 +410,8 @@ const char* masked_attention_backward(const MaskedAttentionBackwardArgs& g, int 
   DeviceGuard guard(device);
   if (guard.status() != cudaSuccess)
     return detail::named_error("masked_attention: cudaSetDevice", guard.status());
+  if (a.tensor_cores && masked_attention_tc_supported(g))
+    return masked_attention_backward_tc(g, stream);
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   return a.bf16 ? launch_backward<__nv_bfloat16>(g, s) : launch_backward<float>(g, s);
 }

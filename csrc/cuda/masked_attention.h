@@ -17,6 +17,10 @@ struct MaskedAttentionArgs {
   const void* v = nullptr;
   const std::uint8_t* key_hidden = nullptr;  // [B, L]
   bool bf16 = false;
+  // Ask for the tensor-core kernels (masked_attention_tc.cu; bf16 only, L <= 256, sm_80+ with
+  // enough shared memory, 16-byte aligned tensors); otherwise, or when unsupported, the scalar
+  // kernels run. Off by default: the tensor-core kernels have NOT YET RUN ON A GPU.
+  bool tensor_cores = false;
   std::int64_t batch = 0, heads = 0, length = 0, head_dim = 0;  // head_dim must be 64
   int rule = 0;                              // 0: key (-1e9), 1: query_or_key_plus1 (+1)
   float scale = 0.125f;
@@ -37,6 +41,14 @@ struct MaskedAttentionBackwardArgs {
 const char* masked_attention_forward(const MaskedAttentionArgs& args, int device, void* stream);
 const char* masked_attention_backward(const MaskedAttentionBackwardArgs& args, int device,
                                       void* stream);
+
+// Tensor-core path (masked_attention_tc.cu), used by the two functions above when
+// args.tensor_cores is set and *_supported() holds (it queries the current device, which the
+// caller has set to `device`).
+bool masked_attention_tc_supported(const MaskedAttentionArgs& args);
+bool masked_attention_tc_supported(const MaskedAttentionBackwardArgs& args);
+const char* masked_attention_forward_tc(const MaskedAttentionArgs& args, void* stream);
+const char* masked_attention_backward_tc(const MaskedAttentionBackwardArgs& args, void* stream);
 
 }  // namespace cuda
 }  // namespace astromer_fast
