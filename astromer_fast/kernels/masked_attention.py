@@ -24,6 +24,7 @@ Public entry points: :func:`masked_attention` (dispatches to the fastest backend
 
 # No ``from __future__ import annotations``: torch.library infers the op schema from the annotations.
 import math
+import os
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -153,13 +154,29 @@ def _bwd_cpu(do, q, k, v, out, lse, kh, rule, dq, dk, dv):
         dk.data_ptr(), dv.data_ptr(), max(1, torch.get_num_threads()))
 
 
+CUDA_ATTENTION_ENV = "ASTROMER_FAST_CUDA_ATTENTION"
+_CUDA_ATTENTION_KERNELS = ("simt", "tensor_cores")
+
+
+def _cuda_attention_kernel() -> str:
+    """Which CUDA attention kernels the ``cuda`` backend runs, read from
+    ``$ASTROMER_FAST_CUDA_ATTENTION`` at every call: ``simt`` (default; the scalar fp32-FMA
+    kernels) or ``tensor_cores`` (bf16 WMMA kernels for bf16 inputs with L <= 256 on sm_80+;
+    other inputs still take the scalar kernels). The tensor-core kernels are NOT YET RUN ON A GPU
+    (tested on the CPU through an emulation of the same source only), hence not the default."""
+    value = os.environ.get(CUDA_ATTENTION_ENV, "").strip() or "simt"
+    if value not in _CUDA_ATTENTION_KERNELS:
+        raise ValueError(f"{CUDA_ATTENTION_ENV}={value!r}: choose one of {_CUDA_ATTENTION_KERNELS}")
+    return value
+
+
 def _fwd_cuda(q, k, v, kh, rule, out, lse):
     B, H, L, hd = _shape(q)
     dev, stream = _cuda_dev_stream(q)
     _cuda_ext().masked_attention_forward(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), kh.data_ptr(), q.dtype == torch.bfloat16,
         B, H, L, hd, _RULE_ID[rule], 1.0 / math.sqrt(hd), out.data_ptr(), lse.data_ptr(),
-        dev, stream)
+        dev, stream, tensor_cores=_cuda_attention_kernel() == "tensor_cores")
 
 
 def _bwd_cuda(do, q, k, v, out, lse, kh, rule, dq, dk, dv):
@@ -170,7 +187,7 @@ def _bwd_cuda(do, q, k, v, out, lse, kh, rule, dq, dk, dv):
         q.data_ptr(), k.data_ptr(), v.data_ptr(), kh.data_ptr(), out.data_ptr(), lse.data_ptr(),
         do.data_ptr(), q.dtype == torch.bfloat16, B, H, L, hd, _RULE_ID[rule],
         1.0 / math.sqrt(hd), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), delta.data_ptr(),
-        dev, stream)
+        dev, stream, tensor_cores=_cuda_attention_kernel() == "tensor_cores")
 
 
 def _fwd_triton(q, k, v, kh, rule, out, lse):
@@ -331,6 +348,9 @@ def masked_attention(
             set, else the default for the device: ``cpu`` (C++) on the CPU; on CUDA, PyTorch's
             fused SDPA with the rule's additive mask (measured fastest on an H200; see
             ``backends.CUDA_DEFAULTS``). ``torch`` is always the plain reference math.
+
+    ``$ASTROMER_FAST_CUDA_ATTENTION`` picks the kernels of the ``cuda`` backend: ``simt``
+    (default) or ``tensor_cores`` (bf16, L <= 256, sm_80+; NOT YET RUN ON A GPU).
 
     Kernel dtypes: the C++ kernel computes in float32 (other dtypes are cast in and the result cast
     back); CUDA and Triton take float32 and bfloat16 natively with float32 accumulation (float16 and
