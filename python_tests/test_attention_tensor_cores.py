@@ -223,7 +223,7 @@ def test_emulation_runs_the_same_with_os_threads(emu, tmp_path):
 # wrong answer for at least one of a few interleavings.
 _MUTATIONS = {
     "fwd: S stored, read by all lanes": (
-        "      wmma::store_matrix_sync(buf + nt * 16, acc, lds, wmma::mem_row_major);\n    }\n",
+        "    if (nt < ntiles) score_tiles<1>(buf, lds, sK, nt, qa);\n",
         "    __syncwarp();\n"),
     "dq: dS tile written, loaded as a fragment": (
         "          ds = pr * (chP[r * kChunkLd + c] - delta_r) * p.scale;\n        }\n"

@@ -272,6 +272,28 @@ __device__ __forceinline__ bool stage_key_flags(unsigned char* __restrict__ skh,
   return __syncthreads_or(visible) == 0;  // also orders the smem writes above for every thread
 }
 
+// Stores S tiles nt .. nt + N - 1 (16 x 16 each, Q K^T unscaled) into s (fp32, row stride lds).
+template <int N>
+__device__ __forceinline__ void score_tiles(float* __restrict__ s, int lds,
+                                            const __nv_bfloat16* __restrict__ sK, int nt,
+                                            const FragA (&qa)[kHD / 16]) {
+  FragC acc[N];
+#pragma unroll
+  for (int t = 0; t < N; ++t) wmma::fill_fragment(acc[t], 0.0f);
+#pragma unroll
+  for (int kk = 0; kk < kHD / 16; ++kk) {
+#pragma unroll
+    for (int t = 0; t < N; ++t) {
+      FragBCol kb;  // element (d, j) = K[j][d]
+      load_tile(kb, sK + (nt + t) * 16 * kLd + kk * 16, kLd);
+      wmma::mma_sync(acc[t], qa[kk], kb, acc[t]);
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < N; ++t)
+    wmma::store_matrix_sync(s + (nt + t) * 16, acc[t], lds, wmma::mem_row_major);
+}
+
 #endif  // ASTROMER_FAST_TC_BODY
 
 // ------------------------------------------------------------------------------------------------
@@ -310,18 +332,12 @@ __global__ void __launch_bounds__(kFwdWarps * 32, 2) attn_tc_fwd_kernel(const Pa
     for (int kk = 0; kk < kHD / 16; ++kk) load_tile(qa[kk], bufh + kk * 16, kLd);
     __syncwarp();  // S overwrites the staged rows
 
-    // S = Q K^T, 16 x lpad fp32 (unscaled dot products).
-    for (int nt = 0; nt < ntiles; ++nt) {
-      FragC acc;
-      wmma::fill_fragment(acc, 0.0f);
-#pragma unroll
-      for (int kk = 0; kk < kHD / 16; ++kk) {
-        FragBCol kb;  // element (d, j) = K[j][d]
-        load_tile(kb, sK + nt * 16 * kLd + kk * 16, kLd);
-        wmma::mma_sync(acc, qa[kk], kb, acc);
-      }
-      wmma::store_matrix_sync(buf + nt * 16, acc, lds, wmma::mem_row_major);
-    }
+    // S = Q K^T, 16 x lpad fp32 (unscaled dot products), two key tiles per pass: two
+    // independent MMA chains, since one chain of 4 dependent MMAs per warp leaves the tensor
+    // cores waiting with only ~2 warps per SM sub-partition.
+    int nt = 0;
+    for (; nt + 1 < ntiles; nt += 2) score_tiles<2>(buf, lds, sK, nt, qa);
+    if (nt < ntiles) score_tiles<1>(buf, lds, sK, nt, qa);
     __syncwarp();
 
     // Row softmax, one row at a time by all 32 lanes (column lane + 32c: conflict-free).
