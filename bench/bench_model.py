@@ -74,6 +74,11 @@ def variants(device, compile_ref):
         out.append(("defaults, attention cuda tc, bf16", dict(backend=None), torch.bfloat16, False,
                     dict(defaults={"masked_attention": "cuda"},
                          env={"ASTROMER_FAST_CUDA_ATTENTION": "tensor_cores"})))
+        if compile_ref:
+            # Our custom ops inside a compiled graph: inductor fuses the norms, activations and
+            # residuals around them (the reference's compile gain), the ops stay ours.
+            out.append(("defaults, attention triton, compiled bf16", dict(backend=None),
+                        torch.bfloat16, True, dict(defaults={"masked_attention": "triton"})))
     for b in available_backends(device):
         if b == "torch" or (b == "triton" and not cuda):
             continue

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # One prepared GPU run, sized for a 15-minute lease (call with timeout_s=570; it ends in ~9 min):
 #   t=0      build the wheel (CUDA, sm_90)         ||  train the default model (tools/train_default.py)
+#   t=0      probe the Triton attention variants (tools/triton_attention_probe.py, own processes)
 #   build ok GPU tests (pytest), while training runs
-#   then     benchmarks alone on the GPU: bench_model, bench_ops, bench_embed
+#   then     benchmarks alone on the GPU: bench_ops, bench_model, bench_embed, bench_train
+# The default model is trained (2026-11-30): a kernel session runs with SKIP_TRAIN=1, which leaves
+# the whole lease to the tests and benchmarks (every stage has its own limit, most wanted first).
 # Results come back as at most 8 files: $OUT/results.tgz (re-packed after every stage, so a
 # timeout still returns what finished), $OUT/model.safetensors + $OUT/config.json of the trained
 # model, and $OUT/log.txt.
 #   device run: bash bench/gpu_check.sh        (carry: gpu_data = ../shared/data copied, git-ignored)
-# Stage limits (seconds) can be overridden: TRAIN_MIN, TEST_S, BM_S, BO_S, BE_S.
+# Stage limits (seconds) can be overridden: TRAIN_MIN, PROBE_S, TEST_S, BO_S, BM_S, BE_S, BT_S.
 set -uo pipefail
 OUT="${OUT:-$PWD/gpu_out}"
 W="${GPU_WORK:-/tmp/gpu_work}"
@@ -23,28 +26,36 @@ pack() { tar -C "$W" --exclude=checkpoint --exclude="*.safetensors" -czf "$OUT/r
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$W/gpu.txt"
 python -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$W/gpu.txt"
 DATA=gpu_data
-[ -d "$DATA" ] && [ -z "${SKIP_TRAIN:-}" ] || { el "no gpu_data/ (or SKIP_TRAIN set): no training run"; DATA=""; }
+[ -d "$DATA" ] || { el "no gpu_data/: no training run, data tests skipped"; DATA=""; }
+[ -n "$DATA" ] && export ASTROMER_FAST_SHARED_DATA="$PWD/$DATA"  # data tests and bench_train
+TRAIN_DATA="$DATA"
+[ -n "${SKIP_TRAIN:-}" ] && { el "SKIP_TRAIN set: no training run"; TRAIN_DATA=""; }
 
 # Build (CPU) and training (GPU, from the source tree: it needs no compiled module) in parallel.
 (ASTROMER_FAST_CUDA=1 ASTROMER_FAST_CUDA_ARCHS="${ASTROMER_FAST_CUDA_ARCHS:-90}" CMAKE_BUILD_PARALLEL_LEVEL=12 \
    python -m pip install --no-build-isolation --no-deps . > "$W/build.txt" 2>&1; echo $? > "$W/build.rc") &
 BUILD=$!
-if [ -n "$DATA" ]; then
+if [ -n "$TRAIN_DATA" ]; then
   (PYTHONPATH="$PWD" timeout "${TRAIN_TIMEOUT:-300}" python tools/train_default.py \
      --data "$DATA" --out "$W/train" --minutes "${TRAIN_MIN:-3.3}" > "$W/train.txt" 2>&1; echo $? > "$W/train.rc") &
   TRAIN=$!
 fi
+# Which Triton attention variants run or stall (each case in its own process, with a deadline);
+# it needs no compiled module, so it overlaps the build.
+(PYTHONPATH="$PWD" timeout "${PROBE_S:-100}" python tools/triton_attention_probe.py --deadline 45 \
+   --parallel 8 --json "$W/triton_probe.json" > "$W/triton_probe.txt" 2>&1; echo $? > "$W/probe.rc") &
+PROBE=$!
 wait $BUILD
 el "build rc=$(cat "$W/build.rc")"; tail -3 "$W/build.txt"
 if [ "$(cat "$W/build.rc")" = 0 ]; then
   (cd /tmp && astromer-fast info) 2>&1 | tee "$W/info.txt"
-  [ -n "$DATA" ] && export ASTROMER_FAST_SHARED_DATA="$PWD/$DATA"
   # The tests that exercise the GPU (kernels on every backend, the whole model per backend,
   # CUDA graphs); the CPU-only suite is CI's job.
   # Order: what has never passed on a GPU first. pytest-timeout (in the image) stops one stalled
   # test (Triton fp32 attention stalled at L >= 7 on 2026-11-30) instead of the whole stage.
   TO=$(python -c "import pytest_timeout" 2>/dev/null && echo "--timeout=60")
-  timeout "${TEST_S:-240}" pytest -v -ra $TO --durations=10 -p no:cacheprovider \
+  timeout "${TEST_S:-150}" pytest -v -ra $TO --durations=10 -p no:cacheprovider \
+      python_tests/test_attention_tensor_cores.py \
       python_tests/test_kernels_weighted_rmse.py python_tests/test_kernels_masked_attention.py \
       python_tests/test_model.py "python_tests/test_embed.py::test_cuda_graphs_match_eager" \
       python_tests/test_kernels_input_embedding.py > "$W/tests.txt" 2>&1
@@ -52,6 +63,21 @@ if [ "$(cat "$W/build.rc")" = 0 ]; then
 else
   tail -60 "$W/build.txt"
 fi
+wait $PROBE; el "triton probe rc=$(cat "$W/probe.rc")"; cat "$W/triton_probe.txt"
+# Bench the fp32 Triton attention only when every fp32 probe case finished.
+if [ -z "${BENCH_SKIP+x}" ]; then
+  BENCH_SKIP=$(python - "$W/triton_probe.json" <<'PY'
+import json, sys
+try:
+    rows = json.load(open(sys.argv[1]))
+    ok = rows and all(r["rc"] == 0 and r.get("reached") == "done" for r in rows if r["dtype"] == "fp32")
+except Exception:
+    ok = False
+print("^$" if ok else "triton fp32")
+PY
+)
+fi
+el "bench skip: '$BENCH_SKIP'"
 pack
 if [ -n "${TRAIN:-}" ]; then
   wait $TRAIN
@@ -62,12 +88,13 @@ fi
 [ "$(cat "$W/build.rc")" = 0 ] || { el "no build: benchmarks skipped"; exit 1; }
 cd /tmp  # benchmarks import the installed package, not the source tree
 B="$OLDPWD/bench"
-timeout "${BM_S:-150}" python "$B/bench_model.py" --device cuda --windows 4096 --compile --compile-timeout 45 --skip "${BENCH_SKIP:-triton fp32}" --json "$W/bench_model.json" > "$W/bench_model.txt" 2>&1
-el "bench_model rc=$?"; tail -25 "$W/bench_model.txt"; pack
-timeout "${BO_S:-75}" python "$B/bench_ops.py" --device cuda --windows 4096 --compile --compile-timeout 20 --skip "${BENCH_SKIP:-triton fp32}" --json "$W/bench_ops.json" > "$W/bench_ops.txt" 2>&1
+# Most wanted first: the ops (attention kernels against SDPA), then the whole model.
+timeout "${BO_S:-70}" python "$B/bench_ops.py" --device cuda --windows 4096 --compile --compile-timeout 20 --skip "$BENCH_SKIP" --json "$W/bench_ops.json" > "$W/bench_ops.txt" 2>&1
 el "bench_ops rc=$?"; tail -25 "$W/bench_ops.txt"; pack
-timeout "${BE_S:-90}" python "$B/bench_embed.py" --device cuda --curves 50000 --naive-curves 200 --batch-size 4096 --read-rows 8192 --json "$W/bench_embed.json" > "$W/bench_embed.txt" 2>&1
+timeout "${BM_S:-170}" python "$B/bench_model.py" --device cuda --windows 4096 --compile --compile-timeout 45 --skip "$BENCH_SKIP" --json "$W/bench_model.json" > "$W/bench_model.txt" 2>&1
+el "bench_model rc=$?"; tail -25 "$W/bench_model.txt"; pack
+timeout "${BE_S:-60}" python "$B/bench_embed.py" --device cuda --curves 50000 --naive-curves 200 --batch-size 4096 --read-rows 8192 --json "$W/bench_embed.json" > "$W/bench_embed.txt" 2>&1
 el "bench_embed rc=$?"; tail -20 "$W/bench_embed.txt"; pack
-timeout "${BT_S:-60}" python "$B/bench_train.py" --device cuda --batch-size 512 --steps 150 --json "$W/bench_train.json" > "$W/bench_train.txt" 2>&1
+timeout "${BT_S:-40}" python "$B/bench_train.py" --device cuda --batch-size 512 --steps 150 --json "$W/bench_train.json" > "$W/bench_train.txt" 2>&1
 el "bench_train rc=$?"; tail -5 "$W/bench_train.txt"; pack
 el "done"
