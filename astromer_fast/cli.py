@@ -57,7 +57,12 @@ def _info(args):
         print(f"  {name}: {mod.build_info() if mod is not None else 'not available'}")
     print(f"  backends (cpu): {available_backends(torch.device('cpu'))}")
     if torch.cuda.is_available():
+        from astromer_fast.kernels import backends
+        from astromer_fast.kernels.masked_attention import CUDA_ATTENTION_ENV, _cuda_attention_kernel
+
         print(f"  backends (cuda): {available_backends(torch.device('cuda'))}")
+        print(f"  per-op defaults (cuda): {backends.CUDA_DEFAULTS}")
+        print(f"  cuda backend's attention kernels: {_cuda_attention_kernel()} (${CUDA_ATTENTION_ENV})")
     print(f"  packaged models: {packaged_models() or 'none'}")
     return 0
 
