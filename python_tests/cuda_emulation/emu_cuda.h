@@ -29,6 +29,26 @@
 // followed by a guard area that is checked after it: reads of never-written shared memory and
 // writes past the requested size show up.
 //
+// Static shared arrays: a kernel header declares them with ASTROMER_FAST_SHARED_ARRAY(T, name, n),
+// which its own fallback turns into `__shared__ T name[n]` for nvcc (same code as before) and this
+// file into a per-block allocation: the k-th declaration a thread executes gets the k-th array of
+// its block (all threads of a block share it, as on the GPU), 0xFF-filled, each array followed by
+// a guard that is checked after the block, and their sum capped at CUDA's 48 KB static limit.
+// ASTROMER_FAST_DYNAMIC_SHARED(T, name) (for `extern __shared__ T name[]`) is the dynamic buffer.
+//
+// Arithmetic. Emulated intrinsics are those whose result is fully specified: __fdiv_rn (IEEE
+// division), __ldg (a plain load: the read-only path changes no value), bf16 <-> float with
+// round-to-nearest-even, __uint_as_float. Standard math functions (expf, logf, pow, sqrt, rint,
+// fma, fmaf, fminf, fmaxf, ...) come from the host's libm: exact where IEEE requires it (sqrt,
+// fma, rint, fmin/fmax), otherwise within an ulp, while CUDA documents up to 2 ulp (expf) and
+// 1 ulp (logf) without fast math, so results are close to the GPU's, not bit-identical. The host
+// compiler here does not contract a * b + c into an FMA (x86-64 without -mfma) while nvcc does by
+// default: another last-bit difference. The fast-math intrinsics (__expf, __sinf, __fdividef,
+// ...) have hardware-specific approximation errors that the CPU cannot reproduce; glibc declares
+// functions with several of those very names (its exact internal versions), which would compile
+// silently, so each is defined below as a macro that makes any use a compile error. Other CUDA
+// functions (atomics, __shfl_sync, ...) are simply not declared: using one fails to compile.
+//
 // Errors (misaligned WMMA pointer, deadlock, guard overwritten) end the launch: emu::launch
 // returns the message (fiber mode) or the process aborts (OS-thread mode).
 #pragma once
@@ -62,8 +82,22 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
-// Static __shared__ variables are not emulated: kernels take all their shared memory from the
-// dynamic buffer (emu::dynamic_smem()).
+// A bare `__shared__` variable is not emulated (there is no per-block storage class on the CPU):
+// kernels use emu::dynamic_smem() or the two macros below, defined after namespace emu.
+
+// Fast-math intrinsics: a compile error, never a silent approximation (see the top of the file).
+#define __expf(...) __expf_is_a_fast_math_intrinsic_the_cuda_emulation_cannot_reproduce
+#define __exp10f(...) __exp10f_is_a_fast_math_intrinsic_the_cuda_emulation_cannot_reproduce
+#define __logf(...) __logf_is_a_fast_math_intrinsic_the_cuda_emulation_cannot_reproduce
+#define __log2f(...) __log2f_is_a_fast_math_intrinsic_the_cuda_emulation_cannot_reproduce
+#define __log10f(...) __log10f_is_a_fast_math_intrinsic_the_cuda_emulation_cannot_reproduce
+#define __powf(...) __powf_is_a_fast_math_intrinsic_the_cuda_emulation_cannot_reproduce
+#define __sinf(...) __sinf_is_a_fast_math_intrinsic_the_cuda_emulation_cannot_reproduce
+#define __cosf(...) __cosf_is_a_fast_math_intrinsic_the_cuda_emulation_cannot_reproduce
+#define __tanf(...) __tanf_is_a_fast_math_intrinsic_the_cuda_emulation_cannot_reproduce
+#define __sincosf(...) __sincosf_is_a_fast_math_intrinsic_the_cuda_emulation_cannot_reproduce
+#define __fdividef(...) __fdividef_is_a_fast_math_intrinsic_the_cuda_emulation_cannot_reproduce
+#define __saturatef(...) __saturatef_is_not_emulated
 
 #ifndef EMU_DEADLOCK_SECONDS
 #define EMU_DEADLOCK_SECONDS 120
@@ -84,6 +118,24 @@ inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return
 struct __nv_bfloat16 {
   std::uint16_t bits;
 };
+struct alignas(8) float2 {
+  float x, y;
+};
+inline float2 make_float2(float x, float y) { return {x, y}; }
+
+// The device-side integer min/max that CUDA code calls unqualified.
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+
+// IEEE round-to-nearest division: what the host's float division is (SSE, no fast math).
+inline float __fdiv_rn(float a, float b) { return a / b; }
+
+// A load through the read-only data path: the same value as a plain load.
+template <class T>
+inline T __ldg(const T* p) {
+  return *p;
+}
+
 inline __nv_bfloat16 __float2bfloat16_rn(float f) {
   std::uint32_t u;
   std::memcpy(&u, &f, 4);
@@ -190,6 +242,7 @@ struct Fiber {
 #endif
   unsigned shfl_gen = 0;
   long long mma_calls = 0;
+  int static_decls = 0;  // static shared arrays this thread has declared so far
   bool done = false;
 };
 
@@ -203,6 +256,23 @@ struct Block {
   std::vector<Fiber> fibers;
   std::atomic<int> or_acc{0};
   static constexpr std::size_t kGuard = 256;
+
+  // Static shared arrays: one arena, reserved once (pointers into it stay valid), each array
+  // followed by kStaticGuard 0xFF bytes.
+  static constexpr std::size_t kStaticLimit = 48 * 1024;  // CUDA's static __shared__ limit
+  static constexpr std::size_t kStaticGuard = 64;
+  static constexpr std::size_t kMaxStaticArrays = 64;
+  struct StaticArray {
+    std::size_t offset, bytes;
+  };
+  std::vector<unsigned char> static_arena;
+  unsigned char* static_base = nullptr;
+  std::vector<StaticArray> static_arrays;
+  std::size_t static_end = 0;    // arena bytes used, guards included
+  std::size_t static_bytes = 0;  // array bytes (with alignment), against kStaticLimit
+#ifdef EMU_OS_THREADS
+  std::mutex static_mutex;
+#endif
 
 #ifndef EMU_OS_THREADS
   ucontext_t sched;
@@ -233,10 +303,21 @@ struct Block {
     std::memset(base, 0xff, smem_bytes + kGuard);
     size = smem_bytes;
     or_acc = 0;
+    if (static_arena.empty()) {
+      static_arena.resize(kStaticLimit + kMaxStaticArrays * (kStaticGuard + 16) + 128);
+      const auto a = reinterpret_cast<std::uintptr_t>(static_arena.data());
+      static_base = static_arena.data() + ((128 - a % 128) % 128);
+    }
+    static_arrays.clear();
+    static_end = 0;
+    static_bytes = 0;
   }
   bool guard_intact() const {
     for (std::size_t i = 0; i < kGuard; ++i)
       if (base[size + i] != 0xff) return false;
+    for (const StaticArray& a : static_arrays)
+      for (std::size_t i = 0; i < kStaticGuard; ++i)
+        if (static_base[a.offset + a.bytes + i] != 0xff) return false;
     return true;
   }
 
@@ -254,6 +335,12 @@ inline unsigned char* dynamic_smem() { return tls.block->base; }
 inline int lane_id() { return tls.tid & 31; }
 inline Warp& my_warp() { return *tls.block->warps[tls.tid >> 5]; }
 inline Fiber& my_fiber() { return tls.block->fibers[tls.tid]; }
+
+// The k-th static shared array this thread declares is the k-th array of its block: the first
+// thread to get there allocates it (0xFF-filled, guard behind), the others must ask for the same
+// size. On the GPU every declaration of a kernel is one fixed array per block; threads that
+// declared them in a different order or with different sizes would be an emulation bug.
+inline void* static_shared_bytes(std::size_t bytes, std::size_t align);
 
 #ifdef EMU_OS_THREADS
 [[noreturn]] inline void fail(const char* what) {
@@ -291,7 +378,42 @@ inline void Barrier::arrive_and_drop() {
 }
 #endif
 
+inline void* static_shared_bytes(std::size_t bytes, std::size_t align) {
+  Block& b = *tls.block;
+#ifdef EMU_OS_THREADS
+  std::lock_guard<std::mutex> lk(b.static_mutex);
+#endif
+  const std::size_t k = static_cast<std::size_t>(my_fiber().static_decls++);
+  if (k < b.static_arrays.size()) {
+    if (b.static_arrays[k].bytes != bytes)
+      fail("static shared array declared with different sizes by threads of one block");
+    return b.static_base + b.static_arrays[k].offset;
+  }
+  if (align < 16) align = 16;
+  const std::size_t offset = (b.static_end + align - 1) / align * align;
+  b.static_bytes += (offset - b.static_end) + bytes;
+  if (b.static_bytes > Block::kStaticLimit) fail("static shared memory over CUDA's 48 KB limit");
+  if (b.static_arrays.size() == Block::kMaxStaticArrays || align > 128 ||
+      offset + bytes + Block::kStaticGuard > b.static_arena.size() - 128)
+    fail("too many static shared arrays for the emulation's arena");
+  std::memset(b.static_base + offset, 0xff, bytes + Block::kStaticGuard);
+  b.static_arrays.push_back({offset, bytes});
+  b.static_end = offset + bytes + Block::kStaticGuard;
+  return b.static_base + offset;
+}
+
+template <class T>
+inline T* static_shared(std::size_t count) {
+  static_assert(std::is_trivially_copyable_v<T>, "shared arrays hold plain data");
+  return static_cast<T*>(static_shared_bytes(count * sizeof(T), alignof(T)));
+}
+
 }  // namespace emu
+
+// The kernel headers' spellings of `__shared__ T name[n]` and `extern __shared__ T name[]`.
+#define ASTROMER_FAST_SHARED_ARRAY(T, name, n) T* const name = ::emu::static_shared<T>((n))
+#define ASTROMER_FAST_DYNAMIC_SHARED(T, name) \
+  T* const name = reinterpret_cast<T*>(::emu::dynamic_smem())
 
 inline void __syncthreads() { emu::tls.block->bar.arrive_and_wait(); }
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
