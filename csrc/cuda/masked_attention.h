@@ -3,7 +3,12 @@
 // bfloat16 q/k/v/out/dout/dq/dk/dv (float32 accumulation; lse and delta always float32).
 // This header includes no CUDA header so that the host-compiled bindings need no CUDA include path.
 //
-// NOT YET RUN ON A GPU: written and compiled (nvcc 13) on a machine without one.
+// GPU evidence: the scalar kernels (masked_attention_kernels.cuh) passed forward and backward
+// against float64 on an H200 on 2026-11-30 at L = 1 and 7 (fp32 and bf16; longer L did not run
+// there) and measured 0.07x of PyTorch SDPA's bf16 speed. All lengths up to 256 are checked on
+// the CPU by python_tests/test_cuda_emulated.py (scalar kernels) and
+// python_tests/test_attention_tensor_cores.py (tensor-core kernels) through the CUDA emulation of
+// python_tests/cuda_emulation/emu_cuda.h.
 #pragma once
 
 #include <cstdint>
