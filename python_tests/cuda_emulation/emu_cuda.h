@@ -123,9 +123,17 @@ struct alignas(8) float2 {
 };
 inline float2 make_float2(float x, float y) { return {x, y}; }
 
-// The device-side integer min/max that CUDA code calls unqualified.
-inline int min(int a, int b) { return a < b ? a : b; }
-inline int max(int a, int b) { return a > b ? a : b; }
+// The device-side integer min/max that CUDA code calls unqualified, one overload per type as in
+// CUDA's headers, so that an argument is never silently narrowed (mixed types are ambiguous here:
+// a compile error; float arguments too, where CUDA would call fminf/fmaxf).
+#define EMU_MIN_MAX(T)                                  \
+  inline T min(T a, T b) { return a < b ? a : b; }      \
+  inline T max(T a, T b) { return a > b ? a : b; }
+EMU_MIN_MAX(int)
+EMU_MIN_MAX(unsigned)
+EMU_MIN_MAX(long long)
+EMU_MIN_MAX(unsigned long long)
+#undef EMU_MIN_MAX
 
 // IEEE round-to-nearest division: what the host's float division is (SSE, no fast math).
 inline float __fdiv_rn(float a, float b) { return a / b; }
