@@ -1,7 +1,8 @@
-// A CPU emulation of the small part of CUDA that csrc/cuda/masked_attention_tc.cuh uses, so that
-// the very same kernel source runs under g++ (C++20) on a machine without a GPU. Include it before
-// the kernel header; it defines ASTROMER_FAST_CUDA_EMULATION, which makes that header skip the
-// CUDA includes and compile its kernel bodies.
+// A CPU emulation of the small part of CUDA that the kernel headers csrc/cuda/*.cuh use
+// (masked_attention_tc.cuh and the *_kernels.cuh of input_embedding, weighted_rmse and the scalar
+// attention), so that the very same kernel source runs under g++ (C++20) on a machine without a
+// GPU. Include it before the kernel header; it defines ASTROMER_FAST_CUDA_EMULATION, which makes
+// that header skip the CUDA includes and compile its kernel bodies.
 //
 // Threads. Every CUDA thread of a block is its own execution context with its own stack:
 //  * default: user-space fibers (ucontext), one OS thread per block in flight (blocks run in
