@@ -15,12 +15,7 @@
 #include <cuda_runtime.h>
 #endif
 
-// Static shared arrays: plain __shared__ on the GPU (the declaration nvcc always compiled); the
-// emulation, which has no per-block storage class, allocates them per block instead (emu_cuda.h
-// defines the macro: NaN-filled, with guards, checked against the 48 KB static limit).
-#ifndef ASTROMER_FAST_SHARED_ARRAY
-#define ASTROMER_FAST_SHARED_ARRAY(T, name, n) __shared__ T name[n]
-#endif
+#include "cuda/shared_array.cuh"
 
 namespace astromer_fast {
 namespace cuda {
