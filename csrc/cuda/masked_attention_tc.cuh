@@ -294,6 +294,46 @@ __device__ __forceinline__ void score_tiles(float* __restrict__ s, int lds,
     wmma::store_matrix_sync(s + (nt + t) * 16, acc[t], lds, wmma::mem_row_major);
 }
 
+// Writes a warp's 16 x 64 fp32 accumulator (times row_scale[r] when given) as bf16 rows
+// [row0, row0 + 16) of dst, through the warp's smem block `res` (row stride ld): fragments cannot
+// be addressed by row. The first __syncwarp lets every lane finish reading what `res` overlaps,
+// the last lets the caller reuse `res`.
+__device__ __forceinline__ void write_acc(__nv_bfloat16* __restrict__ dst, float* __restrict__ res,
+                                          int ld, const FragC (&acc)[kHD / 16],
+                                          const float* __restrict__ row_scale, int row0, int L,
+                                          int lane) {
+  __syncwarp();
+#pragma unroll
+  for (int n = 0; n < kHD / 16; ++n)
+    wmma::store_matrix_sync(res + n * 16, acc[n], ld, wmma::mem_row_major);
+  __syncwarp();
+  write_rows(dst, res, ld, row_scale, row0, L, lane);
+  __syncwarp();
+}
+
+// The two 16 x 16 chunks a backward step needs, into chS and chP (fp32, row stride kChunkLd):
+// xa . X[tile]^T and ya . Y[tile]^T, X and Y staged [Lpad][kLd]. dq: (Q K^T, dO V^T);
+// dk/dv: (K Q^T, V dO^T), i.e. S^T and dP^T.
+__device__ __forceinline__ void chunk_pair(float* __restrict__ chS, float* __restrict__ chP,
+                                           const FragA (&xa)[kHD / 16],
+                                           const FragA (&ya)[kHD / 16],
+                                           const __nv_bfloat16* __restrict__ sX,
+                                           const __nv_bfloat16* __restrict__ sY, int tile) {
+  FragC sacc, pacc;
+  wmma::fill_fragment(sacc, 0.0f);
+  wmma::fill_fragment(pacc, 0.0f);
+#pragma unroll
+  for (int kk = 0; kk < kHD / 16; ++kk) {
+    FragBCol b;  // element (d, j) = X[j][d], then Y[j][d]
+    load_tile(b, sX + tile * 16 * kLd + kk * 16, kLd);
+    wmma::mma_sync(sacc, xa[kk], b, sacc);
+    load_tile(b, sY + tile * 16 * kLd + kk * 16, kLd);
+    wmma::mma_sync(pacc, ya[kk], b, pacc);
+  }
+  wmma::store_matrix_sync(chS, sacc, kChunkLd, wmma::mem_row_major);
+  wmma::store_matrix_sync(chP, pacc, kChunkLd, wmma::mem_row_major);
+}
+
 #endif  // ASTROMER_FAST_TC_BODY
 
 // ------------------------------------------------------------------------------------------------
@@ -390,13 +430,8 @@ __global__ void __launch_bounds__(kFwdWarps * 32, 2) attn_tc_fwd_kernel(const Pa
         wmma::mma_sync(oacc[n], pa, vb, oacc[n]);
       }
     }
-    __syncwarp();  // P is read by every lane before O overwrites it
-#pragma unroll
-    for (int n = 0; n < kHD / 16; ++n)
-      wmma::store_matrix_sync(buf + n * 16, oacc[n], lds, wmma::mem_row_major);
-    __syncwarp();
-    write_rows(p.out_w + base, buf, lds, inv_l, row0, L, lane);
-    __syncwarp();  // before the next tile's Q staging reuses buf
+    // (every lane has read P before O overwrites it; buf is free for the next tile's Q after)
+    write_acc(p.out_w + base, buf, lds, oacc, inv_l, row0, L, lane);
   }
 #endif
 }
@@ -489,19 +524,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 2) attn_tc_dq_kernel(const Par
 #pragma unroll
     for (int n = 0; n < kHD / 16; ++n) wmma::fill_fragment(dqacc[n], 0.0f);
     for (int kt = 0; kt < ntiles; ++kt) {
-      FragC sacc, pacc;
-      wmma::fill_fragment(sacc, 0.0f);
-      wmma::fill_fragment(pacc, 0.0f);
-#pragma unroll
-      for (int kk = 0; kk < kHD / 16; ++kk) {
-        FragBCol b;
-        load_tile(b, sK + kt * 16 * kLd + kk * 16, kLd);  // (d, j) = K[j][d]
-        wmma::mma_sync(sacc, qa[kk], b, sacc);
-        load_tile(b, sV + kt * 16 * kLd + kk * 16, kLd);  // (d, j) = V[j][d]
-        wmma::mma_sync(pacc, da[kk], b, pacc);
-      }
-      wmma::store_matrix_sync(chS, sacc, kChunkLd, wmma::mem_row_major);
-      wmma::store_matrix_sync(chP, pacc, kChunkLd, wmma::mem_row_major);
+      chunk_pair(chS, chP, qa, da, sK, sV, kt);  // S = Q K^T, dP = dO V^T
       __syncwarp();
 #pragma unroll
       for (int c = c0; c < c0 + 8; ++c) {
@@ -528,13 +551,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 2) attn_tc_dq_kernel(const Par
       // its reads of chS/chP; its tDS writes come after the next __syncwarp, i.e. after every
       // lane's load of tDS here.
     }
-    __syncwarp();
-#pragma unroll
-    for (int n = 0; n < kHD / 16; ++n)
-      wmma::store_matrix_sync(res + n * 16, dqacc[n], kOutLd, wmma::mem_row_major);
-    __syncwarp();
-    write_rows(p.dq + base, res, kOutLd, nullptr, row0, L, lane);
-    __syncwarp();
+    write_acc(p.dq + base, res, kOutLd, dqacc, nullptr, row0, L, lane);
   }
 #endif
 }
@@ -601,19 +618,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 2) attn_tc_dkdv_kernel(const P
       wmma::fill_fragment(dvacc[n], 0.0f);
     }
     for (int it = 0; it < ntiles; ++it) {
-      FragC sacc, pacc;  // S^T and dP^T chunks: (key, query)
-      wmma::fill_fragment(sacc, 0.0f);
-      wmma::fill_fragment(pacc, 0.0f);
-#pragma unroll
-      for (int kk = 0; kk < kHD / 16; ++kk) {
-        FragBCol b;
-        load_tile(b, sQ + it * 16 * kLd + kk * 16, kLd);  // (d, i) = Q[i][d]
-        wmma::mma_sync(sacc, ka[kk], b, sacc);
-        load_tile(b, sDO + it * 16 * kLd + kk * 16, kLd);  // (d, i) = dO[i][d]
-        wmma::mma_sync(pacc, va[kk], b, pacc);
-      }
-      wmma::store_matrix_sync(chS, sacc, kChunkLd, wmma::mem_row_major);
-      wmma::store_matrix_sync(chP, pacc, kChunkLd, wmma::mem_row_major);
+      chunk_pair(chS, chP, ka, va, sQ, sDO, it);  // S^T and dP^T chunks: (key, query)
       __syncwarp();
 #pragma unroll
       for (int c = c0; c < c0 + 8; ++c) {
@@ -641,19 +646,8 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 2) attn_tc_dkdv_kernel(const P
         wmma::mma_sync(dkacc[n], dsa, b, dkacc[n]);
       }
     }
-    __syncwarp();
-#pragma unroll
-    for (int n = 0; n < kHD / 16; ++n)
-      wmma::store_matrix_sync(res + n * 16, dkacc[n], kOutLd, wmma::mem_row_major);
-    __syncwarp();
-    write_rows(p.dk + base, res, kOutLd, nullptr, key0, L, lane);
-    __syncwarp();
-#pragma unroll
-    for (int n = 0; n < kHD / 16; ++n)
-      wmma::store_matrix_sync(res + n * 16, dvacc[n], kOutLd, wmma::mem_row_major);
-    __syncwarp();
-    write_rows(p.dv + base, res, kOutLd, nullptr, key0, L, lane);
-    __syncwarp();
+    write_acc(p.dk + base, res, kOutLd, dkacc, nullptr, key0, L, lane);
+    write_acc(p.dv + base, res, kOutLd, dvacc, nullptr, key0, L, lane);
   }
 #endif
 }
