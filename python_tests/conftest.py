@@ -22,6 +22,19 @@ def shared_data():
     return d
 
 
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A saved random model for the tests that run many windows: 32 channels, one block."""
+    import torch
+
+    from astromer_fast import Astromer, AstromerConfig
+
+    torch.manual_seed(1)
+    d = tmp_path_factory.mktemp("tiny")
+    Astromer(AstromerConfig(n_blocks=1, d_model=32, n_heads=2, dff=64)).save_pretrained(d)
+    return d
+
+
 @pytest.fixture
 def run_triton_interpreted(tmp_path):
     """Runs a test script in a fresh Python with TRITON_INTERPRET=1 (it must be set before triton.jit

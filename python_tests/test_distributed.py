@@ -15,11 +15,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from conftest import shared_data_dir
 
 import astromer_fast
-from astromer_fast import Astromer, AstromerConfig
 from astromer_fast.cli import main as cli_main
 from astromer_fast.distributed import split_rejects
 from astromer_fast.distributed._core import embed_table, plan_file
@@ -63,11 +61,8 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.manual_seed(3)
-    d = tmp_path_factory.mktemp("model")
-    Astromer(AstromerConfig(n_blocks=1, d_model=32, n_heads=2, dff=64)).save_pretrained(d)
-    return str(d)
+def model_dir(tiny_model_dir):
+    return str(tiny_model_dir)  # (also passed on command lines)
 
 
 @pytest.fixture(scope="module")

@@ -28,15 +28,6 @@ def model_dir(tmp_path_factory):
     return d
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """For the tests that run many windows: 32 channels, one block."""
-    torch.manual_seed(1)
-    d = tmp_path_factory.mktemp("tiny")
-    Astromer(AstromerConfig(n_blocks=1, d_model=32, n_heads=2, dff=64)).save_pretrained(d)
-    return d
-
-
 def emb_of(table):
     col = table["embedding"].combine_chunks()
     return np.asarray(col.flatten()).reshape(len(col), -1)
