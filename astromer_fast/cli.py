@@ -49,13 +49,19 @@ def _info(args):
 
     import astromer_fast
     from astromer_fast.kernels import available_backends
-    from astromer_fast.kernels._ext import cpu_ext, cuda_ext
+    from astromer_fast.kernels._ext import CPU_WORKERS_ENV, cpu_ext, cpu_workers, cuda_ext
     from astromer_fast.weights.packaged import packaged_models
 
     print(f"astromer_fast {astromer_fast.__version__}, torch {torch.__version__}")
     for name, mod in (("_C", cpu_ext()), ("_C_cuda", cuda_ext())):
         print(f"  {name}: {mod.build_info() if mod is not None else 'not available'}")
     print(f"  backends (cpu): {available_backends(torch.device('cpu'))}")
+    if cpu_ext() is not None:
+        w = cpu_workers()
+        where = (f"torch's OpenMP pool ({w['runtime']})" if w["workers"] == "torch"
+                 else f"own std::threads ({w['why']})")
+        print(f"  C++ kernels' worker threads: {where}, {torch.get_num_threads()} threads "
+              f"(${CPU_WORKERS_ENV})")
     if torch.cuda.is_available():
         from astromer_fast.kernels import backends
         from astromer_fast.kernels.masked_attention import CUDA_ATTENTION_ENV, _cuda_attention_kernel

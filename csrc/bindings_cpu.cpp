@@ -9,6 +9,7 @@
 #include "bindings_common.h"
 #include "cpu/input_embedding.h"
 #include "cpu/masked_attention.h"
+#include "cpu/parallel.h"
 #include "cpu/weighted_rmse.h"
 
 namespace py = pybind11;
@@ -65,6 +66,12 @@ void masked_attention_backward(std::uintptr_t q, std::uintptr_t k, std::uintptr_
   cpu::masked_attention_backward(g, num_threads);
 }
 
+py::object threading_runtime() {
+  const cpu::OpenMPRuntime* rt = cpu::openmp_runtime();
+  if (rt == nullptr) return py::none();
+  return py::str(rt->path);
+}
+
 py::dict build_info() {
   py::dict d;
   d["module"] = "astromer_fast._C";
@@ -113,5 +120,14 @@ PYBIND11_MODULE(_C, mod) {
           py::arg("lse"), py::arg("dout"), py::arg("batch"), py::arg("heads"), py::arg("length"),
           py::arg("head_dim"), py::arg("rule"), py::arg("scale"), py::arg("dq"), py::arg("dk"),
           py::arg("dv"), py::arg("num_threads") = 1, py::call_guard<py::gil_scoped_release>());
+  // std::runtime_error becomes RuntimeError.
+  mod.def("attach_openmp", &cpu::attach_openmp,
+          "Run the kernels' worker chunks on the OpenMP runtime that the already-loaded library at "
+          "`path` uses (torch's libtorch_cpu: torch's own thread pool); nothing is loaded. Returns "
+          "the runtime's file; RuntimeError saying why when there is none.",
+          py::arg("path"));
+  mod.def("detach_openmp", &cpu::detach_openmp, "Run the kernels' worker chunks on std::thread.");
+  mod.def("threading_runtime", &threading_runtime,
+          "Path of the attached OpenMP runtime, or None when the kernels use std::thread.");
   mod.def("build_info", &build_info, "Compiler and build settings of this extension.");
 }

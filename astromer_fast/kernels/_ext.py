@@ -28,6 +28,8 @@ def _load(name: str) -> tuple[ModuleType | None, BaseException | None]:
             except ImportError as exc:  # missing file, or an unloadable one (ABI, libraries)
                 mod = _from_installed_copy(name)
                 hit = (mod, None) if mod is not None else (None, exc)
+            if name == "_C" and hit[0] is not None:
+                _choose_cpu_workers(hit[0])
             _cache[name] = hit
     return hit
 
@@ -65,6 +67,59 @@ def _from_installed_copy(name: str) -> ModuleType | None:
             except ImportError:
                 return None
     return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Where the C++ kernels' worker threads come from (csrc/cpu/parallel.h): torch's own OpenMP pool,
+# so that they neither fight torch's workers, which spin for milliseconds after every GEMM, for
+# the cores, nor start threads per call; or std::thread, when torch has no OpenMP pool to lend.
+# ------------------------------------------------------------------------------------------------
+CPU_WORKERS_ENV = "ASTROMER_FAST_CPU_WORKERS"
+_cpu_workers: dict = {"workers": "threads", "runtime": None, "why": "the C++ extension is not loaded"}
+
+
+def _libtorch_cpu_path() -> str | None:
+    """The file of the libtorch_cpu this process loaded (Linux: from /proc/self/maps)."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.rstrip("\n").split(" ")[-1]
+                if "/libtorch_cpu." in path:
+                    return path
+    except OSError:
+        pass
+    return None
+
+
+def _choose_cpu_workers(ext: ModuleType) -> None:
+    import os
+
+    import torch  # noqa: F401  (its libraries, and so its OpenMP runtime, must be loaded first)
+
+    want = os.environ.get(CPU_WORKERS_ENV, "").strip().lower() or "torch"
+    if want not in ("torch", "threads"):
+        raise ValueError(f"${CPU_WORKERS_ENV} must be 'torch' or 'threads', got {want!r}")
+    if want == "threads":
+        ext.detach_openmp()
+        _cpu_workers.update(workers="threads", runtime=None, why=f"${CPU_WORKERS_ENV}=threads")
+        return
+    lib = _libtorch_cpu_path()
+    try:
+        if lib is None:
+            raise RuntimeError("libtorch_cpu is not among this process's loaded libraries")
+        runtime = ext.attach_openmp(lib)
+        _cpu_workers.update(workers="torch", runtime=runtime, why=None)
+    except (RuntimeError, AttributeError) as exc:  # no OpenMP in this torch build; old extension
+        _cpu_workers.update(workers="threads", runtime=None,
+                            why=f"torch's OpenMP pool cannot be used: {exc}")
+
+
+def cpu_workers() -> dict:
+    """Where the C++ kernels' worker threads come from: ``workers`` ("torch": torch's OpenMP
+    pool, or "threads": std::thread), ``runtime`` (the OpenMP library) and ``why`` (why not torch's
+    pool, or None)."""
+    cpu_ext()
+    return dict(_cpu_workers)
 
 
 def cpu_ext() -> ModuleType | None:
