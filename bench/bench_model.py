@@ -13,8 +13,10 @@ Variants:
     CUDA only (--compile / --no-compile);
   * this package's model with each kernel backend (cuda, triton / cpu), fp32 and bf16 autocast.
 Inputs: random times, magnitudes and errors, random padding lengths, half of the valid
-observations probed. Timing: median of --repeats after warm-up (CUDA events on CUDA). A variant
-that raises gets a row with its error; the others still run.
+observations probed. Timing: each variant is built (and compiled) once, then every variant is
+timed in turn in each of --rounds rounds (median of --repeats calls after a warm-up, CUDA events on
+CUDA); a row is the median over rounds, so a load that drifts during the run affects every row
+alike. A variant that raises gets a row with its error; the others still run.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import json
 import math
 import platform
 import re
+import statistics
 import time
 
 import torch
@@ -100,16 +103,25 @@ def _setup(defaults=None, env=None):
         backends.CUDA_DEFAULTS.update(saved)
 
 
-def measure(name, kw, amp, compiled, data, args, device, setup=None):
-    with _setup(**(setup or {})):
-        return _measure(name, kw, amp, compiled, data, args, device)
+class Variant:
+    """One row of the table: its model and closures, built (and compiled) once, then timed in
+    every round, so that all variants are timed side by side under the same machine load."""
 
+    def __init__(self, name, kw, amp, compiled, data, args, device, setup=None):
+        self.name, self.setup, self.args, self.device = name, setup or {}, args, device
+        self.row = dict(variant=name, embed_s=NAN, train_s=NAN, compile_s=NAN, error=None)
+        self.samples = {"embed": [], "train": []}
+        self.fns = None
+        try:
+            with _setup(**self.setup):
+                self.fns = self._build(kw, amp, compiled, data)
+        except Exception as exc:  # noqa: BLE001  (recorded; the other variants still run)
+            self.row["error"] = failure_text(exc)
 
-def _measure(name, kw, amp, compiled, data, args, device):
-    t, m, valid, err, probed = data
-    hidden = ~valid
-    row = dict(variant=name, embed_s=NAN, train_s=NAN, compile_s=NAN, error=None)
-    try:
+    def _build(self, kw, amp, compiled, data):
+        args, device = self.args, self.device
+        t, m, valid, err, probed = data
+        hidden = ~valid
         torch.manual_seed(0)
         model = Astromer(AstromerConfig()).to(device)
         loss_backend = kw["backend"]
@@ -119,6 +131,7 @@ def _measure(name, kw, amp, compiled, data, args, device):
         ac = dict(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None)
 
         def embed():
+            model.eval()
             with torch.no_grad(), torch.autocast(**ac):
                 for s in range(0, args.windows, args.batch):
                     sl = slice(s, s + args.batch)
@@ -127,6 +140,7 @@ def _measure(name, kw, amp, compiled, data, args, device):
         opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9)
 
         def train():
+            model.train()
             for s in range(0, args.windows, args.batch):
                 sl = slice(s, s + args.batch)
                 with torch.autocast(**ac):
@@ -139,28 +153,66 @@ def _measure(name, kw, amp, compiled, data, args, device):
 
         t0 = time.perf_counter()
         with time_limit(args.compile_timeout if compiled else None):
-            model.eval()
-            embed()
+            embed()  # first calls: compilation, allocator and kernel caches
             if not args.no_train:
-                model.train()
                 train()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
         if compiled:
-            row["compile_s"] = time.perf_counter() - t0
-        model.eval()
-        row["embed_s"] = timed_median(embed, device, args.repeats, warmup=1)
-        if not args.no_train:
-            model.train()
-            row["train_s"] = timed_median(train, device, args.repeats, warmup=1)
-    except Exception as exc:  # noqa: BLE001  (recorded; the other variants still run)
-        row["error"] = failure_text(exc)
-    finally:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    for k in ("embed", "train"):
-        row[f"{k}_windows_per_s"] = args.windows / row[f"{k}_s"] if row[f"{k}_s"] > 0 else NAN
-    return row
+            self.row["compile_s"] = time.perf_counter() - t0
+        return {"embed": embed} if args.no_train else {"embed": embed, "train": train}
+
+    def time_round(self):
+        """One round: the median of --repeats timed calls of each task, after one warm-up."""
+        if self.row["error"] or self.fns is None:
+            return
+        try:
+            with _setup(**self.setup):
+                for k, fn in self.fns.items():
+                    self.samples[k].append(timed_median(fn, self.device, self.args.repeats,
+                                                        warmup=1))
+        except Exception as exc:  # noqa: BLE001
+            self.row["error"] = failure_text(exc)
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        for k, v in self.samples.items():
+            if v:
+                self.row[f"{k}_s"] = statistics.median(v)
+            self.row[f"{k}_windows_per_s"] = (self.args.windows / self.row[f"{k}_s"]
+                                              if self.row[f"{k}_s"] > 0 else NAN)
+        self.row["rounds"] = len(self.samples["embed"])
+
+
+def _ratios(rows, cuda):
+    base = rows[0]
+    # The issue's GPU goals are ratios to eager bf16 SDPA (embed >= 1.5x, train >= 1.3x).
+    sdpa = next((x for x in rows if x["variant"] == SDPA_BF16 and not x["error"]), None)
+    for r in rows:
+        for k in ("embed", "train"):
+            r.setdefault(f"{k}_windows_per_s", NAN)
+            r[f"{k}_ratio"] = r[f"{k}_windows_per_s"] / base.get(f"{k}_windows_per_s", NAN)
+            if cuda and sdpa is not None:
+                r[f"{k}_vs_sdpa_bf16"] = r[f"{k}_windows_per_s"] / sdpa[f"{k}_windows_per_s"]
+
+
+def _print_row(r):
+    name = r["variant"]
+    if r["error"]:
+        print(f"{name:38s} FAILED: {r['error']}", flush=True)
+        return
+    line = (f"{name:38s} {r['embed_windows_per_s']:12.1f} {r['embed_ratio']:7.2f} "
+            f"{r['train_windows_per_s']:12.1f} {r['train_ratio']:7.2f}")
+    if "embed_vs_sdpa_bf16" in r:
+        line += f"   vs SDPA bf16: {r['embed_vs_sdpa_bf16']:.2f} / {r['train_vs_sdpa_bf16']:.2f}"
+    if math.isfinite(r["compile_s"]):
+        line += f"  (compile + first calls {r['compile_s']:.1f} s)"
+    print(line, flush=True)
+
+
+def _header():
+    print(f"{'variant':38s} {'embed win/s':>12s} {'ratio':>7s} {'train win/s':>12s} {'ratio':>7s}",
+          flush=True)
 
 
 def run(args):
@@ -170,35 +222,34 @@ def run(args):
     hw = torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine())
     print(f"{args.windows} windows x {args.length} obs (random padding), batch {args.batch}, "
           f"{device} ({hw}, {torch.get_num_threads()} threads), torch {torch.__version__}; "
-          f"median of {args.repeats}", flush=True)
-    print(f"{'variant':38s} {'embed win/s':>12s} {'ratio':>7s} {'train win/s':>12s} {'ratio':>7s}",
-          flush=True)
-    rows = []
+          f"median of {args.repeats} per round, {args.rounds} round(s)", flush=True)
+    _header()
+    variants_, rows = [], []
+    # Round 1 builds, times and prints each variant at once (a run cut short by an outer timeout
+    # keeps what it measured); later rounds time every variant again, in turn.
     for name, kw, amp, compiled, *setup in variants(device, args.compile):
         if args.skip and re.search(args.skip, name):
             print(f"{name:38s} skipped (--skip)", flush=True)
             continue
-        r = measure(name, kw, amp, compiled, data, args, device, *setup)
-        rows.append(r)
-        base = rows[0]
-        # The issue's GPU goals are ratios to eager bf16 SDPA (embed >= 1.5x, train >= 1.3x).
-        sdpa = next((x for x in rows if x["variant"] == SDPA_BF16 and not x["error"]), None)
-        for k in ("embed", "train"):
-            r[f"{k}_ratio"] = r[f"{k}_windows_per_s"] / base[f"{k}_windows_per_s"]
-            if cuda and sdpa is not None:
-                r[f"{k}_vs_sdpa_bf16"] = r[f"{k}_windows_per_s"] / sdpa[f"{k}_windows_per_s"]
-        if r["error"]:
-            print(f"{name:38s} FAILED: {r['error']}", flush=True)
-            _dump(args, device, hw, rows)
-            continue
-        line = (f"{name:38s} {r['embed_windows_per_s']:12.1f} {r['embed_ratio']:7.2f} "
-                f"{r['train_windows_per_s']:12.1f} {r['train_ratio']:7.2f}")
-        if "embed_vs_sdpa_bf16" in r:
-            line += f"   vs SDPA bf16: {r['embed_vs_sdpa_bf16']:.2f} / {r['train_vs_sdpa_bf16']:.2f}"
-        if math.isfinite(r["compile_s"]):
-            line += f"  (compile + first calls {r['compile_s']:.1f} s)"
-        print(line, flush=True)
+        v = Variant(name, kw, amp, compiled, data, args, device, *setup)
+        v.time_round()
+        if args.rounds == 1:
+            v.fns = None  # nothing more to time: free the model (and its compiled graphs)
+        variants_.append(v)
+        rows.append(v.row)
+        _ratios(rows, cuda)
+        _print_row(v.row)
         _dump(args, device, hw, rows)
+    if args.rounds > 1:
+        for _ in range(args.rounds - 1):
+            for v in variants_:
+                v.time_round()
+            _ratios(rows, cuda)
+            _dump(args, device, hw, rows)
+        print(f"median over {args.rounds} rounds:", flush=True)
+        _header()
+        for r in rows:
+            _print_row(r)
     _dump(args, device, hw, rows)
     return rows
 
@@ -209,7 +260,8 @@ def _dump(args, device, hw, rows):
         with open(args.json, "w") as f:
             json.dump(dict(device=str(device), hardware=hw, threads=torch.get_num_threads(),
                            windows=args.windows, length=args.length, batch=args.batch,
-                           repeats=args.repeats, torch=torch.__version__, rows=rows), f, indent=2)
+                           repeats=args.repeats, rounds=args.rounds, torch=torch.__version__,
+                           rows=rows), f, indent=2)
 
 
 if __name__ == "__main__":
@@ -218,7 +270,11 @@ if __name__ == "__main__":
     p.add_argument("--windows", type=int, default=None)
     p.add_argument("--length", type=int, default=200)
     p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=None, help="timed runs (median; default 5 CUDA, 3 CPU)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed calls per round (median; default 5 CUDA, 1 CPU)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="rounds, each timing every variant in turn; a row is the median over "
+                        "rounds (default 1 CUDA, 5 CPU, where other load drifts more)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="also time torch.compile of the reference (default: on CUDA only)")
     p.add_argument("--compile-timeout", type=float, default=180.0,
@@ -230,6 +286,7 @@ if __name__ == "__main__":
     cuda = a.device.startswith("cuda")
     a.windows = a.windows or (4096 if cuda else 64)
     a.batch = a.batch or (1024 if cuda else 32)
-    a.repeats = a.repeats or (5 if cuda else 3)
+    a.repeats = a.repeats or (5 if cuda else 1)
+    a.rounds = a.rounds or (1 if cuda else 5)
     a.compile = cuda if a.compile is None else a.compile
     run(a)

@@ -2,9 +2,12 @@
 // Tensor.data_ptr()), so this module links neither libtorch nor its headers; shape, dtype and
 // device checks live on the Python side (astromer_fast/kernels/input_embedding.py).
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
+#include <stdexcept>
 #include <thread>
+#include <vector>
 
 #include "bindings_common.h"
 #include "cpu/input_embedding.h"
@@ -44,12 +47,25 @@ void weighted_rmse_backward(std::uintptr_t dir, double grad_loss, double scale, 
                               num_threads);
 }
 
+// qkv_strides: empty (dense), or 9 element strides: q, k, v each over (batch, head, row).
+void set_qkv_strides(cpu::MaskedAttentionArgs& a, const std::vector<std::int64_t>& s) {
+  if (s.empty()) return;
+  if (s.size() != 9) throw std::invalid_argument("qkv_strides must hold 9 values (or none)");
+  for (int i = 0; i < 3; ++i) {
+    a.q_strides[i] = s[i];
+    a.k_strides[i] = s[3 + i];
+    a.v_strides[i] = s[6 + i];
+  }
+}
+
 void masked_attention_forward(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
                               std::uintptr_t key_hidden, std::int64_t batch, std::int64_t heads,
                               std::int64_t length, std::int64_t head_dim, int rule, double scale,
-                              std::uintptr_t out, std::uintptr_t lse, int num_threads) {
-  const auto a = masked_attention_args<cpu::MaskedAttentionArgs>(
+                              std::uintptr_t out, std::uintptr_t lse, int num_threads,
+                              const std::vector<std::int64_t>& qkv_strides) {
+  auto a = masked_attention_args<cpu::MaskedAttentionArgs>(
       q, k, v, key_hidden, batch, heads, length, head_dim, rule, scale, out, lse);
+  set_qkv_strides(a, qkv_strides);
   cpu::masked_attention_forward(a, num_threads);
 }
 
@@ -58,10 +74,11 @@ void masked_attention_backward(std::uintptr_t q, std::uintptr_t k, std::uintptr_
                                std::uintptr_t dout, std::int64_t batch, std::int64_t heads,
                                std::int64_t length, std::int64_t head_dim, int rule, double scale,
                                std::uintptr_t dq, std::uintptr_t dk, std::uintptr_t dv,
-                               int num_threads) {
+                               int num_threads, const std::vector<std::int64_t>& qkv_strides) {
   cpu::MaskedAttentionBackwardArgs g;
   g.fwd = masked_attention_args<cpu::MaskedAttentionArgs>(q, k, v, key_hidden, batch, heads, length,
                                                           head_dim, rule, scale, out, lse);
+  set_qkv_strides(g.fwd, qkv_strides);
   set_masked_attention_grads(g, dout, dq, dk, dv);
   cpu::masked_attention_backward(g, num_threads);
 }
@@ -108,18 +125,24 @@ PYBIND11_MODULE(_C, mod) {
           py::call_guard<py::gil_scoped_release>());
   mod.def("masked_attention_forward", &masked_attention_forward,
           "Masked attention (SPEC.md section 3) on float32 (B, H, L, hd) host buffers: writes out "
-          "and the log-sum-exp lse (B, H, L). rule 0 = key (-1e9), 1 = query_or_key_plus1 (+1).",
+          "and the log-sum-exp lse (B, H, L). rule 0 = key (-1e9), 1 = query_or_key_plus1 (+1). "
+          "qkv_strides: 9 element strides (q, k, v over batch, head, row; rows contiguous), or "
+          "empty for dense q, k, v.",
           py::arg("q"), py::arg("k"), py::arg("v"), py::arg("key_hidden"), py::arg("batch"),
           py::arg("heads"), py::arg("length"), py::arg("head_dim"), py::arg("rule"),
           py::arg("scale"), py::arg("out"), py::arg("lse"), py::arg("num_threads") = 1,
+          py::arg("qkv_strides") = std::vector<std::int64_t>(),
           py::call_guard<py::gil_scoped_release>());
   mod.def("masked_attention_backward", &masked_attention_backward,
           "dq, dk, dv of masked attention from q, k, v, key_hidden, out, lse and dout (float32 "
-          "host buffers), recomputing the probabilities from lse.",
+          "host buffers), recomputing the probabilities from lse; q, k, v strided as in the "
+          "forward (qkv_strides), the others dense.",
           py::arg("q"), py::arg("k"), py::arg("v"), py::arg("key_hidden"), py::arg("out"),
           py::arg("lse"), py::arg("dout"), py::arg("batch"), py::arg("heads"), py::arg("length"),
           py::arg("head_dim"), py::arg("rule"), py::arg("scale"), py::arg("dq"), py::arg("dk"),
-          py::arg("dv"), py::arg("num_threads") = 1, py::call_guard<py::gil_scoped_release>());
+          py::arg("dv"), py::arg("num_threads") = 1,
+          py::arg("qkv_strides") = std::vector<std::int64_t>(),
+          py::call_guard<py::gil_scoped_release>());
   // std::runtime_error becomes RuntimeError.
   mod.def("attach_openmp", &cpu::attach_openmp,
           "Run the kernels' worker chunks on the OpenMP runtime that the already-loaded library at "

@@ -139,11 +139,22 @@ _cuda_ext = _ext.require_cuda_ext
 _cuda_dev_stream = _ext.cuda_device_and_stream
 
 
+def _rows_contiguous(x: Tensor) -> Tensor:
+    """x itself when its rows (last dim) are contiguous, which is all the C++ kernel needs: the
+    model's heads, (B, L, H, hd) projections viewed as (B, H, L, hd), go in without a copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _qkv_strides(q, k, v) -> list:
+    return [s for x in (q, k, v) for s in x.stride()[:3]]
+
+
 def _fwd_cpu(q, k, v, kh, rule, out, lse):
     B, H, L, hd = _shape(q)
     _cpu_ext().masked_attention_forward(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), kh.data_ptr(), B, H, L, hd, _RULE_ID[rule],
-        1.0 / math.sqrt(hd), out.data_ptr(), lse.data_ptr(), max(1, torch.get_num_threads()))
+        1.0 / math.sqrt(hd), out.data_ptr(), lse.data_ptr(), max(1, torch.get_num_threads()),
+        qkv_strides=_qkv_strides(q, k, v))
 
 
 def _bwd_cpu(do, q, k, v, out, lse, kh, rule, dq, dk, dv):
@@ -151,7 +162,8 @@ def _bwd_cpu(do, q, k, v, out, lse, kh, rule, dq, dk, dv):
     _cpu_ext().masked_attention_backward(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), kh.data_ptr(), out.data_ptr(), lse.data_ptr(),
         do.data_ptr(), B, H, L, hd, _RULE_ID[rule], 1.0 / math.sqrt(hd), dq.data_ptr(),
-        dk.data_ptr(), dv.data_ptr(), max(1, torch.get_num_threads()))
+        dk.data_ptr(), dv.data_ptr(), max(1, torch.get_num_threads()),
+        qkv_strides=_qkv_strides(q, k, v))
 
 
 CUDA_ATTENTION_ENV = "ASTROMER_FAST_CUDA_ATTENTION"
@@ -202,6 +214,13 @@ def _bwd_triton(do, q, k, v, out, lse, kh, rule, dq, dk, dv):
     tma.backward(do, q, k, v, out, lse, kh, _RULE_ID[rule], 1.0 / math.sqrt(q.shape[-1]), dq, dk, dv)
 
 
+def _qkv_for(backend, q, k, v) -> tuple:
+    """q, k, v as the backend's kernels read them: rows contiguous for C++ (strides passed),
+    dense for CUDA and Triton."""
+    f = _rows_contiguous if backend == "cpu" else Tensor.contiguous
+    return f(q), f(k), f(v)
+
+
 _FWD = {"cpu": _fwd_cpu, "cuda": _fwd_cuda, "triton": _fwd_triton}
 _BWD = {"cpu": _bwd_cpu, "cuda": _bwd_cuda, "triton": _bwd_triton}
 _KERNEL_DTYPES = {
@@ -250,8 +269,8 @@ def _masked_attention_fwd(
     lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    _FWD[backend](q.contiguous(), k.contiguous(), v.contiguous(),
-                  key_hidden.contiguous().view(torch.uint8), rule, out, lse)
+    qkv = _qkv_for(backend, q, k, v)
+    _FWD[backend](*qkv, key_hidden.contiguous().view(torch.uint8), rule, out, lse)
     return out, lse
 
 
@@ -275,8 +294,8 @@ def _masked_attention_bwd(
     dq, dk, dv = (torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
     if q.numel() == 0:
         return dq, dk, dv
-    _BWD[backend](c(dout.to(q.dtype)), c(q), c(k), c(v), c(out.to(q.dtype)), c(lse.float()),
-                  c(key_hidden).view(torch.uint8), rule, dq, dk, dv)
+    _BWD[backend](c(dout.to(q.dtype)), *_qkv_for(backend, q, k, v), c(out.to(q.dtype)),
+                  c(lse.float()), c(key_hidden).view(torch.uint8), rule, dq, dk, dv)
     return dq, dk, dv
 
 

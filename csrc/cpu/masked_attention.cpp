@@ -133,16 +133,44 @@ AF_INLINE void ab_rows4(const float* __restrict__ A, std::int64_t lda, const flo
   }
 }
 
-// ab_rows4 over all hd columns, in chunks of up to 64.
-AF_INLINE void ab_rows4_all(const float* A, std::int64_t lda, const float* B, std::int64_t hd,
-                            std::int64_t n, float* C, const float* rs) {
+// ab_rows4 over all hd columns, in chunks of up to 64; B's rows are ldb apart, C's hd apart.
+AF_INLINE void ab_rows4_all(const float* A, std::int64_t lda, const float* B, std::int64_t ldb,
+                            std::int64_t hd, std::int64_t n, float* C, const float* rs) {
   for (std::int64_t d0 = 0; d0 < hd; d0 += 4 * W) {
     switch ((hd - d0) >= 4 * W ? 4 : (hd - d0) / W) {
-      case 4: ab_rows4<4>(A, lda, B + d0, hd, n, C + d0, hd, rs); break;
-      case 3: ab_rows4<3>(A, lda, B + d0, hd, n, C + d0, hd, rs); break;
-      case 2: ab_rows4<2>(A, lda, B + d0, hd, n, C + d0, hd, rs); break;
-      default: ab_rows4<1>(A, lda, B + d0, hd, n, C + d0, hd, rs); break;
+      case 4: ab_rows4<4>(A, lda, B + d0, ldb, n, C + d0, hd, rs); break;
+      case 3: ab_rows4<3>(A, lda, B + d0, ldb, n, C + d0, hd, rs); break;
+      case 2: ab_rows4<2>(A, lda, B + d0, ldb, n, C + d0, hd, rs); break;
+      default: ab_rows4<1>(A, lda, B + d0, ldb, n, C + d0, hd, rs); break;
     }
+  }
+}
+
+// One (b, h) slice of q, k or v: its first row and the distance between rows.
+struct Rows {
+  const float* p;
+  std::int64_t ld;
+  const float* row(std::int64_t i) const { return p + i * ld; }
+};
+
+Rows rows_of(const float* base, const std::int64_t* strides, std::int64_t b, std::int64_t h) {
+  return Rows{base + b * strides[0] + h * strides[1], strides[2]};
+}
+
+// n rows of hd floats into a dense buffer, then zero rows up to n_padded.
+void gather_rows(Rows src, std::int64_t n, std::int64_t n_padded, std::int64_t hd, float* dst) {
+  for (std::int64_t i = 0; i < n; ++i)
+    std::memcpy(dst + i * hd, src.row(i), static_cast<std::size_t>(hd) * sizeof(float));
+  std::memset(dst + n * hd, 0, static_cast<std::size_t>((n_padded - n) * hd) * sizeof(float));
+}
+
+// dst[d * ld + j] = src row j, column d, for j < n; zero for n <= j < n_padded.
+void transpose_rows(Rows src, std::int64_t n, std::int64_t n_padded, std::int64_t hd, float* dst,
+                    std::int64_t ld) {
+  for (std::int64_t d = 0; d < hd; ++d) {
+    float* row = dst + d * ld;
+    for (std::int64_t j = 0; j < n; ++j) row[j] = src.row(j)[d];
+    for (std::int64_t j = n; j < n_padded; ++j) row[j] = 0.0f;
   }
 }
 
@@ -199,10 +227,10 @@ ASTROMER_FAST_CLONES_V4
 void forward_task(const MaskedAttentionArgs& a, std::int64_t bh, std::int64_t q0, std::int64_t q1,
                   Scratch& sc) {
   const std::int64_t L = a.length, hd = a.head_dim, Lp = round_up(L, W);
-  const std::int64_t b = bh / a.heads;
-  const float* q = a.q + bh * L * hd;
-  const float* k = a.k + bh * L * hd;
-  const float* v = a.v + bh * L * hd;
+  const std::int64_t b = bh / a.heads, h = bh % a.heads;
+  const Rows q = rows_of(a.q, a.q_strides, b, h);
+  const Rows k = rows_of(a.k, a.k_strides, b, h);
+  const Rows v = rows_of(a.v, a.v_strides, b, h);
   const std::uint8_t* hid = a.key_hidden + b * L;
   float* kt = sc.kt.data();
   float* qb = sc.qb.data();
@@ -214,14 +242,9 @@ void forward_task(const MaskedAttentionArgs& a, std::int64_t bh, std::int64_t q0
   float* rinv = sc.rowv.data();
 
   key_terms(hid, L, Lp, a.rule, b1, b2, b1q);
-  for (std::int64_t d = 0; d < hd; ++d) {
-    float* row = kt + d * Lp;
-    for (std::int64_t j = 0; j < L; ++j) row[j] = k[j * hd + d];
-    for (std::int64_t j = L; j < Lp; ++j) row[j] = 0.0f;
-  }
+  transpose_rows(k, L, Lp, hd, kt, Lp);
   const std::int64_t nr = q1 - q0, nrp = round_up(nr, RB);
-  std::memcpy(qb, q + q0 * hd, static_cast<std::size_t>(nr * hd) * sizeof(float));
-  std::memset(qb + nr * hd, 0, static_cast<std::size_t>((nrp - nr) * hd) * sizeof(float));
+  gather_rows(Rows{q.row(q0), q.ld}, nr, nrp, hd, qb);
 
   for (std::int64_t r0 = 0; r0 < nrp; r0 += RB)
     abt_rows4(qb + r0 * hd, hd, kt, Lp, hd, Lp, sb + r0 * Lp, Lp);
@@ -248,7 +271,7 @@ void forward_task(const MaskedAttentionArgs& a, std::int64_t bh, std::int64_t q0
   }
 
   for (std::int64_t r0 = 0; r0 < nrp; r0 += RB)
-    ab_rows4_all(sb + r0 * Lp, Lp, v, hd, L, ob + r0 * hd, rinv + r0);
+    ab_rows4_all(sb + r0 * Lp, Lp, v.p, v.ld, hd, L, ob + r0 * hd, rinv + r0);
   std::memcpy(a.out + (bh * L + q0) * hd, ob, static_cast<std::size_t>(nr * hd) * sizeof(float));
 }
 
@@ -265,11 +288,11 @@ ASTROMER_FAST_CLONES_V4
 void backward_task(const MaskedAttentionBackwardArgs& g, std::int64_t bh, Scratch& sc) {
   const MaskedAttentionArgs& a = g.fwd;
   const std::int64_t L = a.length, hd = a.head_dim, Lp = round_up(L, W);
-  const std::int64_t b = bh / a.heads;
+  const std::int64_t b = bh / a.heads, h = bh % a.heads;
   const std::int64_t off = bh * L * hd;
-  const float* q = a.q + off;
-  const float* k = a.k + off;
-  const float* v = a.v + off;
+  const Rows q = rows_of(a.q, a.q_strides, b, h);
+  const Rows k = rows_of(a.k, a.k_strides, b, h);
+  const Rows v = rows_of(a.v, a.v_strides, b, h);
   const float* o = a.out + off;
   const float* dout = g.dout + off;
   const float* lse = a.lse + bh * L;
@@ -288,19 +311,11 @@ void backward_task(const MaskedAttentionBackwardArgs& g, std::int64_t bh, Scratc
   float* Dv = sc.rowv.data();
 
   key_terms(hid, L, Lp, a.rule, b1, b2, b1q);
-  for (std::int64_t d = 0; d < hd; ++d) {
-    for (std::int64_t j = 0; j < L; ++j) {
-      kt[d * Lp + j] = k[j * hd + d];
-      vt[d * Lp + j] = v[j * hd + d];
-    }
-    for (std::int64_t j = L; j < Lp; ++j) kt[d * Lp + j] = vt[d * Lp + j] = 0.0f;
-  }
+  transpose_rows(k, L, Lp, hd, kt, Lp);
+  transpose_rows(v, L, Lp, hd, vt, Lp);
   const std::size_t rows_bytes = static_cast<std::size_t>(L * hd) * sizeof(float);
-  const std::size_t pad_bytes = static_cast<std::size_t>((Lp - L) * hd) * sizeof(float);
-  std::memcpy(qb, q, rows_bytes);
-  std::memset(qb + L * hd, 0, pad_bytes);
-  std::memcpy(dob, dout, rows_bytes);
-  std::memset(dob + L * hd, 0, pad_bytes);
+  gather_rows(q, L, Lp, hd, qb);
+  gather_rows(Rows{dout, hd}, L, Lp, hd, dob);
   for (std::int64_t i = 0; i < Lp; ++i) {
     float d = 0.0f;
     if (i < L)
@@ -333,15 +348,15 @@ void backward_task(const MaskedAttentionBackwardArgs& g, std::int64_t bh, Scratc
   }
 
   // dq = dS K
-  for (std::int64_t r0 = 0; r0 < Lp; r0 += RB) ab_rows4_all(dS + r0 * Lp, Lp, k, hd, L, ob + r0 * hd, nullptr);
+  for (std::int64_t r0 = 0; r0 < Lp; r0 += RB) ab_rows4_all(dS + r0 * Lp, Lp, k.p, k.ld, hd, L, ob + r0 * hd, nullptr);
   std::memcpy(g.dq + off, ob, rows_bytes);
   // dv = P^T dO
   transpose(P, T, Lp);
-  for (std::int64_t r0 = 0; r0 < Lp; r0 += RB) ab_rows4_all(T + r0 * Lp, Lp, dob, hd, L, ob + r0 * hd, nullptr);
+  for (std::int64_t r0 = 0; r0 < Lp; r0 += RB) ab_rows4_all(T + r0 * Lp, Lp, dob, hd, hd, L, ob + r0 * hd, nullptr);
   std::memcpy(g.dv + off, ob, rows_bytes);
   // dk = dS^T Q
   transpose(dS, T, Lp);
-  for (std::int64_t r0 = 0; r0 < Lp; r0 += RB) ab_rows4_all(T + r0 * Lp, Lp, qb, hd, L, ob + r0 * hd, nullptr);
+  for (std::int64_t r0 = 0; r0 < Lp; r0 += RB) ab_rows4_all(T + r0 * Lp, Lp, qb, hd, hd, L, ob + r0 * hd, nullptr);
   std::memcpy(g.dk + off, ob, rows_bytes);
 }
 
@@ -355,14 +370,29 @@ void validate(const MaskedAttentionArgs& a, const char* what) {
   if (a.rule != kRuleKey && a.rule != kRuleQueryOrKeyPlus1)
     throw std::invalid_argument(w + ": unknown mask rule " + std::to_string(a.rule));
   if (!(std::isfinite(a.scale))) throw std::invalid_argument(w + ": scale must be finite");
+  for (const std::int64_t* s : {a.q_strides, a.k_strides, a.v_strides})
+    if (s[0] < 0 || s[1] < 0 || s[2] < 0) throw std::invalid_argument(w + ": strides must be >= 0");
   if (a.batch * a.heads * a.length > 0 &&
       (!a.q || !a.k || !a.v || !a.key_hidden || !a.out || !a.lse))
     throw std::invalid_argument(w + ": null data pointer");
 }
 
+// Zero strides mean dense (B, H, L, hd).
+void fill_dense_strides(MaskedAttentionArgs& a) {
+  for (std::int64_t* s : {a.q_strides, a.k_strides, a.v_strides}) {
+    if (s[0] == 0 && s[1] == 0 && s[2] == 0) {
+      s[0] = a.heads * a.length * a.head_dim;
+      s[1] = a.length * a.head_dim;
+      s[2] = a.head_dim;
+    }
+  }
+}
+
 }  // namespace
 
-void masked_attention_forward(const MaskedAttentionArgs& a, int num_threads) {
+void masked_attention_forward(const MaskedAttentionArgs& args, int num_threads) {
+  MaskedAttentionArgs a = args;
+  fill_dense_strides(a);
   validate(a, "masked_attention_forward");
   const std::int64_t BH = a.batch * a.heads, L = a.length;
   if (BH == 0 || L == 0) return;
@@ -384,7 +414,9 @@ void masked_attention_forward(const MaskedAttentionArgs& a, int num_threads) {
   });
 }
 
-void masked_attention_backward(const MaskedAttentionBackwardArgs& g, int num_threads) {
+void masked_attention_backward(const MaskedAttentionBackwardArgs& args, int num_threads) {
+  MaskedAttentionBackwardArgs g = args;
+  fill_dense_strides(g.fwd);
   validate(g.fwd, "masked_attention_backward");
   const MaskedAttentionArgs& a = g.fwd;
   const std::int64_t BH = a.batch * a.heads, L = a.length;

@@ -12,7 +12,9 @@
 // Backward (flash style): P = exp(s' - lse), D_i = dO_i . out_i, dS = P (dO V^T - D),
 //   dq = scale dS K, dk = scale dS^T Q, dv = P^T dO.
 //
-// Plain C++: no Python, no torch. All arrays dense, row-major, (B, H, L, hd) and (B, L).
+// Plain C++: no Python, no torch. Arrays are row-major (B, H, L, hd) and (B, L), dense except q, k
+// and v, whose batch, head and row strides may be given (rows themselves contiguous): the model's
+// heads are then read straight out of its (B, L, H*hd) projections, without a transposing copy.
 #pragma once
 
 #include <cstdint>
@@ -28,6 +30,8 @@ struct MaskedAttentionArgs {
   const float* v = nullptr;                  // [B, H, L, hd]
   const std::uint8_t* key_hidden = nullptr;  // [B, L] (torch.bool storage: 0 / 1)
   std::int64_t batch = 0, heads = 0, length = 0, head_dim = 0;
+  // Element strides of q, k, v over (batch, head, row); all zero = dense (H*L*hd, L*hd, hd).
+  std::int64_t q_strides[3] = {0, 0, 0}, k_strides[3] = {0, 0, 0}, v_strides[3] = {0, 0, 0};
   int rule = kRuleKey;
   float scale = 0.125f;
   // forward outputs / backward inputs
