@@ -203,6 +203,28 @@ def test_cpu_kernel_reads_strided_heads_without_copying_and_same_bits(layout):
         torch.testing.assert_close(g_.double(), w_.double(), atol=2e-5, rtol=1e-4)
 
 
+def test_cpu_kernel_leaves_hidden_keys_out_exactly():
+    """Rule "key": the C++ kernel runs the softmax over the visible keys only (a hidden key's
+    probability underflows to exactly 0). Hidden keys' dk, dv are then exactly 0, as in the
+    reference; a window whose keys are all hidden still averages all of them."""
+    if "cpu" not in CPU_BACKENDS:
+        pytest.skip("astromer_fast._C not available")
+    q, k, v, kh = make_inputs(3, 200, seed=3)  # random padding, 20% masked, last window all hidden
+    kh[0, ::2] = True  # most keys of window 0 hidden, scattered
+    do = torch.randn_like(q)
+    o, lse = _masked_attention_fwd(q, k, v, kh, "key", "cpu")
+    dq, dk, dv = _masked_attention_bwd(do, q, k, v, o, lse, kh, "key", "cpu")
+    hid = kh[:-1, None, :, None].expand(-1, H, -1, HD)
+    assert (dk[:-1][hid] == 0).all() and (dv[:-1][hid] == 0).all()
+    assert (dv[-1] != 0).all()  # the all-hidden window: uniform weights, every key gets gradient
+    o_ref, lse_ref = oracle(q, k, v, kh, "key")
+    torch.testing.assert_close(o.double(), o_ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse.double(), lse_ref, atol=1e-5, rtol=1e-5)
+    want = grads(lambda *a: oracle(*a, kh, "key")[0], q, k, v, do)
+    for g_, w_ in zip((dq, dk, dv), want):
+        torch.testing.assert_close(g_.double(), w_.double(), atol=2e-5, rtol=1e-4)
+
+
 def test_return_weights():
     q, k, v, kh = make_inputs(2, 7)
     out, w = masked_attention(q, k, v, kh, "key", return_weights=True)

@@ -164,20 +164,75 @@ void gather_rows(Rows src, std::int64_t n, std::int64_t n_padded, std::int64_t h
   std::memset(dst + n * hd, 0, static_cast<std::size_t>((n_padded - n) * hd) * sizeof(float));
 }
 
-// dst[d * ld + j] = src row j, column d, for j < n; zero for n <= j < n_padded.
-void transpose_rows(Rows src, std::int64_t n, std::int64_t n_padded, std::int64_t hd, float* dst,
-                    std::int64_t ld) {
+std::int64_t round_up(std::int64_t x, std::int64_t m) { return (x + m - 1) / m * m; }
+
+// The keys a window's softmax runs over, in order: pos[j] is the position of the j-th one.
+// Rule "key": a hidden key's logit is s - 1e9, whose exponential underflows to exactly 0 beside
+// any visible key, so only the visible keys are kept: the same non-zero terms in the same order
+// (only the grouping of the float sums changes), and attention costs what the visible keys cost
+// (padding, and the MASK-token observations of pretraining). Every key is kept when all are
+// hidden (the row is then a uniform average) and under rule query_or_key_plus1 (+1 hides nothing).
+struct KeySet {
+  std::int64_t n = 0, np = 0;           // kept keys; n rounded up to the vector width
+  const std::int64_t* pos = nullptr;    // [n] their positions
+  const std::uint8_t* hidden = nullptr;  // [n] their hidden flags
+  bool all = true;                      // every key kept (pos[j] == j)
+};
+
+KeySet key_set(const std::uint8_t* hid, std::int64_t L, int rule, std::int64_t* pos,
+               std::uint8_t* hidden) {
+  KeySet ks;
+  ks.pos = pos;
+  ks.hidden = hidden;
+  if (rule == kRuleKey)
+    for (std::int64_t j = 0; j < L; ++j)
+      if (hid[j] == 0) {
+        pos[ks.n] = j;
+        hidden[ks.n++] = 0;
+      }
+  if (ks.n == 0 || ks.n == L) {  // nothing to leave out
+    for (std::int64_t j = 0; j < L; ++j) {
+      pos[j] = j;
+      hidden[j] = hid[j];
+    }
+    ks.n = L;
+  }
+  ks.all = ks.n == L;
+  ks.np = round_up(ks.n, W);
+  return ks;
+}
+
+// dst[d * ks.np + j] = column d of key row ks.pos[j], zero for n <= j < np: K (or V) transposed.
+void transpose_keys(Rows src, const KeySet& ks, std::int64_t hd, float* dst) {
   for (std::int64_t d = 0; d < hd; ++d) {
-    float* row = dst + d * ld;
-    for (std::int64_t j = 0; j < n; ++j) row[j] = src.row(j)[d];
-    for (std::int64_t j = n; j < n_padded; ++j) row[j] = 0.0f;
+    float* row = dst + d * ks.np;
+    for (std::int64_t j = 0; j < ks.n; ++j) row[j] = src.row(ks.pos[j])[d];
+    for (std::int64_t j = ks.n; j < ks.np; ++j) row[j] = 0.0f;
   }
 }
 
-std::int64_t round_up(std::int64_t x, std::int64_t m) { return (x + m - 1) / m * m; }
+// The kept key rows, dense, then zero rows up to np.
+void gather_keys(Rows src, const KeySet& ks, std::int64_t hd, float* dst) {
+  for (std::int64_t j = 0; j < ks.n; ++j)
+    std::memcpy(dst + j * hd, src.row(ks.pos[j]), static_cast<std::size_t>(hd) * sizeof(float));
+  std::memset(dst + ks.n * hd, 0, static_cast<std::size_t>((ks.np - ks.n) * hd) * sizeof(float));
+}
+
+// Rows j < n of src (dense) to rows ks.pos[j] of dst (L rows); the keys left out get zeros (their
+// gradients are exactly zero: their probabilities are).
+void scatter_keys(const float* src, const KeySet& ks, std::int64_t L, std::int64_t hd, float* dst) {
+  const std::size_t row_bytes = static_cast<std::size_t>(hd) * sizeof(float);
+  if (ks.all) {
+    std::memcpy(dst, src, static_cast<std::size_t>(L) * row_bytes);
+    return;
+  }
+  std::memset(dst, 0, static_cast<std::size_t>(L) * row_bytes);
+  for (std::int64_t j = 0; j < ks.n; ++j) std::memcpy(dst + ks.pos[j] * hd, src + j * hd, row_bytes);
+}
 
 // Per-key additive terms so that s' = (s + b1[j]) + b2[j] reproduces the reference in float32
-// (see the header); columns L .. Lp-1 get -inf, i.e. probability 0. For rule
+// (see the header) for the L keys given (a KeySet's); columns L .. Lp-1 get -inf, i.e.
+// probability 0. For rule
 // query_or_key_plus1, b1q is the row used by hidden queries (+1 on every real key).
 void key_terms(const std::uint8_t* hid, std::int64_t L, std::int64_t Lp, int rule, float* b1,
                float* b2, float* b1q) {
@@ -203,7 +258,9 @@ void key_terms(const std::uint8_t* hid, std::int64_t L, std::int64_t Lp, int rul
 }
 
 struct Scratch {
-  std::vector<float> kt, vt, qb, dob, sb, ds, tb, ob, b1, b2, b1q, rowv;
+  std::vector<float> kt, vt, kb, qb, dob, sb, ds, tb, ob, b1, b2, b1q, rowv;
+  std::vector<std::int64_t> pos;
+  std::vector<std::uint8_t> hidden;
 };
 
 void ensure(std::vector<float>& v, std::int64_t n) {
@@ -226,13 +283,14 @@ AF_INLINE float biased_row(float* __restrict__ s, const float* __restrict__ b1,
 ASTROMER_FAST_CLONES_V4
 void forward_task(const MaskedAttentionArgs& a, std::int64_t bh, std::int64_t q0, std::int64_t q1,
                   Scratch& sc) {
-  const std::int64_t L = a.length, hd = a.head_dim, Lp = round_up(L, W);
+  const std::int64_t L = a.length, hd = a.head_dim;
   const std::int64_t b = bh / a.heads, h = bh % a.heads;
   const Rows q = rows_of(a.q, a.q_strides, b, h);
   const Rows k = rows_of(a.k, a.k_strides, b, h);
   const Rows v = rows_of(a.v, a.v_strides, b, h);
   const std::uint8_t* hid = a.key_hidden + b * L;
   float* kt = sc.kt.data();
+  float* vb = sc.kb.data();
   float* qb = sc.qb.data();
   float* sb = sc.sb.data();
   float* ob = sc.ob.data();
@@ -241,26 +299,29 @@ void forward_task(const MaskedAttentionArgs& a, std::int64_t bh, std::int64_t q0
   float* b1q = sc.b1q.data();
   float* rinv = sc.rowv.data();
 
-  key_terms(hid, L, Lp, a.rule, b1, b2, b1q);
-  transpose_rows(k, L, Lp, hd, kt, Lp);
+  const KeySet ks = key_set(hid, L, a.rule, sc.pos.data(), sc.hidden.data());
+  const std::int64_t Np = ks.np;  // columns of the logits: the kept keys
+  key_terms(ks.hidden, ks.n, Np, a.rule, b1, b2, b1q);
+  transpose_keys(k, ks, hd, kt);
+  gather_keys(v, ks, hd, vb);
   const std::int64_t nr = q1 - q0, nrp = round_up(nr, RB);
   gather_rows(Rows{q.row(q0), q.ld}, nr, nrp, hd, qb);
 
   for (std::int64_t r0 = 0; r0 < nrp; r0 += RB)
-    abt_rows4(qb + r0 * hd, hd, kt, Lp, hd, Lp, sb + r0 * Lp, Lp);
+    abt_rows4(qb + r0 * hd, hd, kt, Np, hd, Np, sb + r0 * Np, Np);
 
   for (std::int64_t r = 0; r < nrp; ++r) {
-    float* s = sb + r * Lp;
+    float* s = sb + r * Np;
     if (r >= nr) {
-      std::memset(s, 0, static_cast<std::size_t>(Lp) * sizeof(float));
+      std::memset(s, 0, static_cast<std::size_t>(Np) * sizeof(float));
       rinv[r] = 0.0f;
       continue;
     }
     const std::int64_t i = q0 + r;
     const bool qh = a.rule == kRuleQueryOrKeyPlus1 && hid[i] != 0;
-    const float mx = biased_row(s, qh ? b1q : b1, b2, Lp, a.scale);
+    const float mx = biased_row(s, qh ? b1q : b1, b2, Np, a.scale);
     vf acc = {};
-    for (std::int64_t j = 0; j < Lp; j += W) {
+    for (std::int64_t j = 0; j < Np; j += W) {
       const vf p = vexp(loadv(s + j) - mx);
       storev(s + j, p);
       acc += p;
@@ -271,16 +332,18 @@ void forward_task(const MaskedAttentionArgs& a, std::int64_t bh, std::int64_t q0
   }
 
   for (std::int64_t r0 = 0; r0 < nrp; r0 += RB)
-    ab_rows4_all(sb + r0 * Lp, Lp, v.p, v.ld, hd, L, ob + r0 * hd, rinv + r0);
+    ab_rows4_all(sb + r0 * Np, Np, vb, hd, hd, ks.n, ob + r0 * hd, rinv + r0);
   std::memcpy(a.out + (bh * L + q0) * hd, ob, static_cast<std::size_t>(nr * hd) * sizeof(float));
 }
 
-void transpose(const float* __restrict__ src, float* __restrict__ dst, std::int64_t n) {
-  // n x n, n a multiple of 16; 16x16 tiles keep both sides in cache lines.
-  for (std::int64_t i0 = 0; i0 < n; i0 += W)
-    for (std::int64_t j0 = 0; j0 < n; j0 += W)
+// dst (cols x rows) = src (rows x cols) transposed; both multiples of 16, and 16x16 tiles keep
+// both sides in cache lines.
+void transpose(const float* __restrict__ src, float* __restrict__ dst, std::int64_t rows,
+               std::int64_t cols) {
+  for (std::int64_t i0 = 0; i0 < rows; i0 += W)
+    for (std::int64_t j0 = 0; j0 < cols; j0 += W)
       for (std::int64_t i = i0; i < i0 + W; ++i)
-        for (std::int64_t j = j0; j < j0 + W; ++j) dst[j * n + i] = src[i * n + j];
+        for (std::int64_t j = j0; j < j0 + W; ++j) dst[j * rows + i] = src[i * cols + j];
 }
 
 // dq, dk, dv of one (b, h).
@@ -299,6 +362,7 @@ void backward_task(const MaskedAttentionBackwardArgs& g, std::int64_t bh, Scratc
   const std::uint8_t* hid = a.key_hidden + b * L;
   float* kt = sc.kt.data();
   float* vt = sc.vt.data();
+  float* kb = sc.kb.data();
   float* qb = sc.qb.data();
   float* dob = sc.dob.data();
   float* P = sc.sb.data();
@@ -310,10 +374,13 @@ void backward_task(const MaskedAttentionBackwardArgs& g, std::int64_t bh, Scratc
   float* b1q = sc.b1q.data();
   float* Dv = sc.rowv.data();
 
-  key_terms(hid, L, Lp, a.rule, b1, b2, b1q);
-  transpose_rows(k, L, Lp, hd, kt, Lp);
-  transpose_rows(v, L, Lp, hd, vt, Lp);
-  const std::size_t rows_bytes = static_cast<std::size_t>(L * hd) * sizeof(float);
+  // P and dS are (Lp queries) x (Np kept keys); see key_set.
+  const KeySet ks = key_set(hid, L, a.rule, sc.pos.data(), sc.hidden.data());
+  const std::int64_t Np = ks.np;
+  key_terms(ks.hidden, ks.n, Np, a.rule, b1, b2, b1q);
+  transpose_keys(k, ks, hd, kt);
+  transpose_keys(v, ks, hd, vt);
+  gather_keys(k, ks, hd, kb);
   gather_rows(q, L, Lp, hd, qb);
   gather_rows(Rows{dout, hd}, L, Lp, hd, dob);
   for (std::int64_t i = 0; i < Lp; ++i) {
@@ -325,21 +392,21 @@ void backward_task(const MaskedAttentionBackwardArgs& g, std::int64_t bh, Scratc
 
   // P = exp(s' - lse) and dP = dO V^T, then dS = scale * P * (dP - D).
   for (std::int64_t r0 = 0; r0 < Lp; r0 += RB) {
-    abt_rows4(qb + r0 * hd, hd, kt, Lp, hd, Lp, P + r0 * Lp, Lp);
-    abt_rows4(dob + r0 * hd, hd, vt, Lp, hd, Lp, dS + r0 * Lp, Lp);
+    abt_rows4(qb + r0 * hd, hd, kt, Np, hd, Np, P + r0 * Np, Np);
+    abt_rows4(dob + r0 * hd, hd, vt, Np, hd, Np, dS + r0 * Np, Np);
   }
   for (std::int64_t i = 0; i < Lp; ++i) {
-    float* p = P + i * Lp;
-    float* ds = dS + i * Lp;
+    float* p = P + i * Np;
+    float* ds = dS + i * Np;
     if (i >= L) {
-      std::memset(p, 0, static_cast<std::size_t>(Lp) * sizeof(float));
-      std::memset(ds, 0, static_cast<std::size_t>(Lp) * sizeof(float));
+      std::memset(p, 0, static_cast<std::size_t>(Np) * sizeof(float));
+      std::memset(ds, 0, static_cast<std::size_t>(Np) * sizeof(float));
       continue;
     }
     const bool qh = a.rule == kRuleQueryOrKeyPlus1 && hid[i] != 0;
     const float* bb1 = qh ? b1q : b1;
     const float li = lse[i], di = Dv[i];
-    for (std::int64_t j = 0; j < Lp; j += W) {
+    for (std::int64_t j = 0; j < Np; j += W) {
       const vf x = (loadv(p + j) * a.scale + loadv(bb1 + j)) + loadv(b2 + j);
       const vf pj = vexp(x - li);
       storev(p + j, pj);
@@ -347,17 +414,19 @@ void backward_task(const MaskedAttentionBackwardArgs& g, std::int64_t bh, Scratc
     }
   }
 
-  // dq = dS K
-  for (std::int64_t r0 = 0; r0 < Lp; r0 += RB) ab_rows4_all(dS + r0 * Lp, Lp, k.p, k.ld, hd, L, ob + r0 * hd, nullptr);
-  std::memcpy(g.dq + off, ob, rows_bytes);
-  // dv = P^T dO
-  transpose(P, T, Lp);
-  for (std::int64_t r0 = 0; r0 < Lp; r0 += RB) ab_rows4_all(T + r0 * Lp, Lp, dob, hd, hd, L, ob + r0 * hd, nullptr);
-  std::memcpy(g.dv + off, ob, rows_bytes);
-  // dk = dS^T Q
-  transpose(dS, T, Lp);
-  for (std::int64_t r0 = 0; r0 < Lp; r0 += RB) ab_rows4_all(T + r0 * Lp, Lp, qb, hd, hd, L, ob + r0 * hd, nullptr);
-  std::memcpy(g.dk + off, ob, rows_bytes);
+  // dq = dS K (over the kept keys)
+  for (std::int64_t r0 = 0; r0 < Lp; r0 += RB)
+    ab_rows4_all(dS + r0 * Np, Np, kb, hd, hd, ks.n, ob + r0 * hd, nullptr);
+  std::memcpy(g.dq + off, ob, static_cast<std::size_t>(L * hd) * sizeof(float));
+  // dv = P^T dO and dk = dS^T Q, for the kept keys; the others' are zero.
+  transpose(P, T, Lp, Np);
+  for (std::int64_t r0 = 0; r0 < Np; r0 += RB)
+    ab_rows4_all(T + r0 * Lp, Lp, dob, hd, hd, L, ob + r0 * hd, nullptr);
+  scatter_keys(ob, ks, L, hd, g.dv + off);
+  transpose(dS, T, Lp, Np);
+  for (std::int64_t r0 = 0; r0 < Np; r0 += RB)
+    ab_rows4_all(T + r0 * Lp, Lp, qb, hd, hd, L, ob + r0 * hd, nullptr);
+  scatter_keys(ob, ks, L, hd, g.dk + off);
 }
 
 void validate(const MaskedAttentionArgs& a, const char* what) {
@@ -400,6 +469,9 @@ void masked_attention_forward(const MaskedAttentionArgs& args, int num_threads) 
   parallel_for(BH * nqb, 1, num_threads, [&](std::int64_t t0, std::int64_t t1) {
     Scratch sc;
     ensure(sc.kt, hd * Lp);
+    ensure(sc.kb, Lp * hd);
+    sc.pos.resize(static_cast<std::size_t>(L));
+    sc.hidden.resize(static_cast<std::size_t>(L));
     ensure(sc.qb, QB * hd);
     ensure(sc.sb, QB * Lp);
     ensure(sc.ob, QB * hd);
@@ -428,6 +500,9 @@ void masked_attention_backward(const MaskedAttentionBackwardArgs& args, int num_
     Scratch sc;
     ensure(sc.kt, hd * Lp);
     ensure(sc.vt, hd * Lp);
+    ensure(sc.kb, Lp * hd);
+    sc.pos.resize(static_cast<std::size_t>(L));
+    sc.hidden.resize(static_cast<std::size_t>(L));
     ensure(sc.qb, Lp * hd);
     ensure(sc.dob, Lp * hd);
     ensure(sc.ob, Lp * hd);
