@@ -261,6 +261,10 @@ struct Scratch {
   std::vector<float> kt, vt, kb, qb, dob, sb, ds, tb, ob, b1, b2, b1q, rowv;
   std::vector<std::int64_t> pos;
   std::vector<std::uint8_t> hidden;
+  // Forward: the (b, h) whose kept keys, K^T (kt), V rows (kb) and mask terms are in the buffers
+  // above, so that consecutive query blocks of one (b, h) prepare them once.
+  std::int64_t keys_of = -1;
+  KeySet ks;
 };
 
 void ensure(std::vector<float>& v, std::int64_t n) {
@@ -299,11 +303,15 @@ void forward_task(const MaskedAttentionArgs& a, std::int64_t bh, std::int64_t q0
   float* b1q = sc.b1q.data();
   float* rinv = sc.rowv.data();
 
-  const KeySet ks = key_set(hid, L, a.rule, sc.pos.data(), sc.hidden.data());
+  if (sc.keys_of != bh) {
+    sc.ks = key_set(hid, L, a.rule, sc.pos.data(), sc.hidden.data());
+    key_terms(sc.ks.hidden, sc.ks.n, sc.ks.np, a.rule, b1, b2, b1q);
+    transpose_keys(k, sc.ks, hd, kt);
+    gather_keys(v, sc.ks, hd, vb);
+    sc.keys_of = bh;
+  }
+  const KeySet& ks = sc.ks;
   const std::int64_t Np = ks.np;  // columns of the logits: the kept keys
-  key_terms(ks.hidden, ks.n, Np, a.rule, b1, b2, b1q);
-  transpose_keys(k, ks, hd, kt);
-  gather_keys(v, ks, hd, vb);
   const std::int64_t nr = q1 - q0, nrp = round_up(nr, RB);
   gather_rows(Rows{q.row(q0), q.ld}, nr, nrp, hd, qb);
 
