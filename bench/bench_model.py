@@ -10,7 +10,8 @@ Variants:
   * reference eager bf16 autocast with SDPA and the key mask;
   * torch.compile of the reference (bf16 autocast + SDPA on CUDA, fp32 on the CPU): its compile
     time (and first calls) is reported separately and bounded by --compile-timeout; default on
-    CUDA only (--compile / --no-compile);
+    CUDA only (--compile / --no-compile); with --compile, also this package's model compiled
+    (its custom ops stay opaque in the graph: attention triton on CUDA, C++ ops on the CPU);
   * this package's model with each kernel backend (cuda, triton / cpu), fp32 and bf16 autocast.
 Inputs: random times, magnitudes and errors, random padding lengths, half of the valid
 observations probed. Timing: each variant is built (and compiled) once, then every variant is
@@ -82,6 +83,9 @@ def variants(device, compile_ref):
             # residuals around them (the reference's compile gain), the ops stay ours.
             out.append(("defaults, attention triton, compiled bf16", dict(backend=None),
                         torch.bfloat16, True, dict(defaults={"masked_attention": "triton"})))
+    if compile_ref and not cuda:
+        # Our C++ custom ops inside a compiled graph: what compiling buys on top of the kernels.
+        out.append(("astromer_fast defaults, compiled fp32", dict(backend=None), None, True))
     for b in available_backends(device):
         if b == "torch" or (b == "triton" and not cuda):
             continue
