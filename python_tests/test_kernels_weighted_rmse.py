@@ -274,6 +274,29 @@ def test_cpu_fused_backward_is_bitwise_the_torch_expression(bf16):
     torch.library.opcheck(_weighted_rmse_bwd, (dir_[1:5, :5].contiguous(), gl, sc, bf16))
 
 
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_backward_paths_give_the_same_bits(bf16, monkeypatch):
+    """The autograd backward takes the C++ pass for large bfloat16 gradients on the CPU and two
+    PyTorch ops otherwise: both give the same bits, at any size, with a non-unit upstream grad."""
+    import sys
+
+    # (sys.modules: the package re-exports the function under the module's name)
+    wr = sys.modules["astromer_fast.kernels.weighted_rmse"]
+    if "cpu" not in _op_backends("cpu"):
+        pytest.skip("astromer_fast._C not available")
+    pred, target, err, probed, valid = make_inputs((6, 200), "mixed", seed=3)
+    if bf16:
+        pred = pred.bfloat16()
+    grads = []
+    for threshold in (0, 1 << 40):
+        monkeypatch.setattr(wr, "_CPP_BWD_MIN_NUMEL", threshold)
+        x = pred.clone().requires_grad_(True)
+        (0.75 * weighted_rmse(x, target, err, probed, valid, backend="cpu")).backward()
+        assert x.grad.dtype == pred.dtype and x.grad.isfinite().all()
+        grads.append(x.grad)
+    assert torch.equal(grads[0], grads[1])
+
+
 @pytest.mark.parametrize("case", ["mixed", "no_err", "zero_neg_err", "const_err", "all_unprobed"])
 def test_gradcheck_float64_torch_backend(case):
     pred, target, err, probed, valid = make_inputs((3, 7), case, seed=7)
