@@ -194,15 +194,20 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(dir_, scale)
 
 
+def _grad_in_torch(dir_: Tensor, grad_loss: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """dir * (grad_loss * scale) in plain PyTorch, with the C++ pass's roundings: the factor in
+    float32, one rounding of the product to ``dtype``."""
+    return (dir_ * (grad_loss * scale)).to(dtype)
+
+
 @torch.library.custom_op(OP_BWD, mutates_args=())
 def _weighted_rmse_bwd(dir_: Tensor, grad_loss: Tensor, scale: Tensor, grad_bf16: bool) -> Tensor:
     """d loss / d pred = dir * (grad_loss * scale) in pred's dtype (bfloat16 or float32). On the CPU
-    one multi-threaded C++ pass writes it straight in that dtype; elsewhere plain PyTorch (the same
-    roundings: the factor in float32, one rounding of the product to the output dtype)."""
+    one multi-threaded C++ pass writes it straight in that dtype; elsewhere ``_grad_in_torch``."""
     dt = torch.bfloat16 if grad_bf16 else torch.float32
     ext = _ext.cpu_ext() if dir_.device.type == "cpu" else None
     if ext is None or dir_.dtype != torch.float32:
-        return (dir_ * (grad_loss * scale)).to(dt)
+        return _grad_in_torch(dir_, grad_loss, scale, dt)
     d = dir_.contiguous()
     out = torch.empty(d.shape, dtype=dt)
     ext.weighted_rmse_backward(d.data_ptr(), float(grad_loss), float(scale), out.data_ptr(),
@@ -210,11 +215,12 @@ def _weighted_rmse_bwd(dir_: Tensor, grad_loss: Tensor, scale: Tensor, grad_bf16
     return out
 
 
-# Below this size, and for float32 gradients at any size, two plain PyTorch ops beat the custom
-# op's dispatch (2-core Zen 4, 2026-11-30: 4 vs 16 us at 32 x 200, 96 vs 119 us fp32 at 8192 x
-# 200); the single multi-threaded C++ pass wins for large bfloat16 gradients (169 vs 219 us at
-# 8192 x 200, 39 vs 34 us at 1024 x 200). On CUDA this also saves a dispatch on the host, which
-# is most of the op's time at the benchmark's 4096 x 200.
+# The autograd backward calls the C++ pass (through the custom op above) only for bfloat16
+# gradients of at least this many elements on the CPU; otherwise the two PyTorch ops of
+# _grad_in_torch are faster. Measured on a 2-core Zen 4, 2026-11-30, C++ pass vs PyTorch ops:
+# float32 16 vs 4 us at 32 x 200 and 119 vs 96 us at 8192 x 200; bfloat16 16 vs 6 us at 32 x 200,
+# 39 vs 34 us at 1024 x 200, but 169 vs 219 us at 8192 x 200. On CUDA it also saves a custom-op
+# dispatch on the host, which is most of the op's time at the benchmark's 4096 x 200.
 _CPP_BWD_MIN_NUMEL = 1 << 19
 
 
@@ -233,9 +239,7 @@ def _backward(ctx, grad_loss: Tensor, grad_dir, grad_scale):
         if bf16 and dir_.device.type == "cpu" and dir_.numel() >= _CPP_BWD_MIN_NUMEL:
             grad_pred = _weighted_rmse_bwd(dir_, grad_loss, scale, True)
         else:
-            # The same roundings as the C++ pass (the factor in float32, one rounding of the
-            # product to pred's dtype), without a second custom op's dispatch.
-            grad_pred = (dir_ * (grad_loss * scale)).to(ctx.pred_dtype)
+            grad_pred = _grad_in_torch(dir_, grad_loss, scale, ctx.pred_dtype)
     return grad_pred, None, None, None, None, None, None
 
 
