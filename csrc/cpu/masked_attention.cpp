@@ -7,144 +7,16 @@
 #include <string>
 #include <vector>
 
+#include "cpu/attention_keys.h"
 #include "cpu/common.h"
 #include "cpu/parallel.h"
-
-// Vector-extension helpers are always inlined, so the ABI note about passing 64-byte vectors is moot.
-#pragma GCC diagnostic ignored "-Wpsabi"
+#include "cpu/vec.h"
 
 namespace astromer_fast {
 namespace cpu {
 namespace {
 
-// The task functions are cloned for x86-64-v4 (AVX-512) and x86-64-v3 (AVX2+FMA) machines and picked
-// at load time (ASTROMER_FAST_CLONES_V4, cpu/common.h);
-// the baseline x86-64 build is SSE2. The inner loops use GCC vector extensions of 16 floats, which
-// each clone lowers to one zmm, two ymm or four xmm registers, so the register blocking below is
-// explicit rather than left to the auto-vectoriser (which would need -ffast-math for reductions).
-#define AF_INLINE inline __attribute__((always_inline))
-
-typedef float vf __attribute__((vector_size(64)));
-typedef std::int32_t vi __attribute__((vector_size(64)));
-constexpr std::int64_t W = 16;  // floats per vf
-constexpr std::int64_t RB = 4;  // rows per register block
 constexpr std::int64_t QB = 64;  // query rows per forward task
-
-AF_INLINE vf loadv(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-AF_INLINE void storev(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
-AF_INLINE vf splat(float x) { return vf{} + x; }
-
-// exp(x) for x <= ~88, with x < -87 flushed to 0 (true values < 1.7e-38): Cephes expf
-// (Cody-Waite reduction by ln 2, degree-5 minimax), ~1 ulp, branch-free.
-AF_INLINE vf vexp(vf x) {
-  const vf lo = splat(-87.0f);
-  const vi under = x < lo;
-  x = under ? lo : x;
-  const vf shifter = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  const vf t = x * 1.44269504088896341f + shifter;
-  const vf n = t - shifter;
-  vf r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  vf p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  const vi ni = (vi)t - (vi)shifter;
-  const vi e = (ni + 127) << 23;
-  const vf y = p * (vf)e;
-  return under ? splat(0.0f) : y;
-}
-
-AF_INLINE float hsum(vf v) {
-  float s = 0.0f;
-  for (int i = 0; i < W; ++i) s += v[i];
-  return s;
-}
-AF_INLINE float hmax(vf v) {
-  float m = v[0];
-  for (int i = 1; i < W; ++i) m = v[i] > m ? v[i] : m;
-  return m;
-}
-
-// C[r, j] = sum_x A[r, x] * Bt[x, j] for 4 rows r and ncols (a multiple of 16) columns j.
-AF_INLINE void abt_rows4(const float* __restrict__ A, std::int64_t lda, const float* __restrict__ Bt,
-                         std::int64_t ldb, std::int64_t K, std::int64_t ncols, float* __restrict__ C,
-                         std::int64_t ldc) {
-  std::int64_t j = 0;
-  for (; j + 2 * W <= ncols; j += 2 * W) {
-    vf c00 = {}, c01 = {}, c10 = {}, c11 = {}, c20 = {}, c21 = {}, c30 = {}, c31 = {};
-    for (std::int64_t x = 0; x < K; ++x) {
-      const vf b0 = loadv(Bt + x * ldb + j);
-      const vf b1 = loadv(Bt + x * ldb + j + W);
-      const float a0 = A[x], a1 = A[lda + x], a2 = A[2 * lda + x], a3 = A[3 * lda + x];
-      c00 += a0 * b0; c01 += a0 * b1;
-      c10 += a1 * b0; c11 += a1 * b1;
-      c20 += a2 * b0; c21 += a2 * b1;
-      c30 += a3 * b0; c31 += a3 * b1;
-    }
-    storev(C + j, c00); storev(C + j + W, c01);
-    storev(C + ldc + j, c10); storev(C + ldc + j + W, c11);
-    storev(C + 2 * ldc + j, c20); storev(C + 2 * ldc + j + W, c21);
-    storev(C + 3 * ldc + j, c30); storev(C + 3 * ldc + j + W, c31);
-  }
-  for (; j < ncols; j += W) {
-    vf c0 = {}, c1 = {}, c2 = {}, c3 = {};
-    for (std::int64_t x = 0; x < K; ++x) {
-      const vf b0 = loadv(Bt + x * ldb + j);
-      c0 += A[x] * b0; c1 += A[lda + x] * b0; c2 += A[2 * lda + x] * b0; c3 += A[3 * lda + x] * b0;
-    }
-    storev(C + j, c0); storev(C + ldc + j, c1); storev(C + 2 * ldc + j, c2); storev(C + 3 * ldc + j, c3);
-  }
-}
-
-// C[r, c] = rs[r] * sum_{x < n} A[r, x] * B[x, c] for 4 rows r and the 16*NV columns c at C, B.
-template <int NV>
-AF_INLINE void ab_rows4(const float* __restrict__ A, std::int64_t lda, const float* __restrict__ B,
-                        std::int64_t ldb, std::int64_t n, float* __restrict__ C, std::int64_t ldc,
-                        const float* rs) {
-  vf acc[RB][NV];
-#pragma GCC unroll 4
-  for (int r = 0; r < RB; ++r)
-#pragma GCC unroll 4
-    for (int c = 0; c < NV; ++c) acc[r][c] = vf{};
-  for (std::int64_t x = 0; x < n; ++x) {
-    vf b[NV];
-#pragma GCC unroll 4
-    for (int c = 0; c < NV; ++c) b[c] = loadv(B + x * ldb + c * W);
-#pragma GCC unroll 4
-    for (int r = 0; r < RB; ++r) {
-      const float a = A[r * lda + x];
-#pragma GCC unroll 4
-      for (int c = 0; c < NV; ++c) acc[r][c] += a * b[c];
-    }
-  }
-#pragma GCC unroll 4
-  for (int r = 0; r < RB; ++r) {
-    const float s = rs ? rs[r] : 1.0f;
-#pragma GCC unroll 4
-    for (int c = 0; c < NV; ++c) storev(C + r * ldc + c * W, acc[r][c] * s);
-  }
-}
-
-// ab_rows4 over all hd columns, in chunks of up to 64; B's rows are ldb apart, C's hd apart.
-AF_INLINE void ab_rows4_all(const float* A, std::int64_t lda, const float* B, std::int64_t ldb,
-                            std::int64_t hd, std::int64_t n, float* C, const float* rs) {
-  for (std::int64_t d0 = 0; d0 < hd; d0 += 4 * W) {
-    switch ((hd - d0) >= 4 * W ? 4 : (hd - d0) / W) {
-      case 4: ab_rows4<4>(A, lda, B + d0, ldb, n, C + d0, hd, rs); break;
-      case 3: ab_rows4<3>(A, lda, B + d0, ldb, n, C + d0, hd, rs); break;
-      case 2: ab_rows4<2>(A, lda, B + d0, ldb, n, C + d0, hd, rs); break;
-      default: ab_rows4<1>(A, lda, B + d0, ldb, n, C + d0, hd, rs); break;
-    }
-  }
-}
 
 // One (b, h) slice of q, k or v: its first row and the distance between rows.
 struct Rows {
@@ -162,44 +34,6 @@ void gather_rows(Rows src, std::int64_t n, std::int64_t n_padded, std::int64_t h
   for (std::int64_t i = 0; i < n; ++i)
     std::memcpy(dst + i * hd, src.row(i), static_cast<std::size_t>(hd) * sizeof(float));
   std::memset(dst + n * hd, 0, static_cast<std::size_t>((n_padded - n) * hd) * sizeof(float));
-}
-
-std::int64_t round_up(std::int64_t x, std::int64_t m) { return (x + m - 1) / m * m; }
-
-// The keys a window's softmax runs over, in order: pos[j] is the position of the j-th one.
-// Rule "key": a hidden key's logit is s - 1e9, whose exponential underflows to exactly 0 beside
-// any visible key, so only the visible keys are kept: the same non-zero terms in the same order
-// (only the grouping of the float sums changes), and attention costs what the visible keys cost
-// (padding, and the MASK-token observations of pretraining). Every key is kept when all are
-// hidden (the row is then a uniform average) and under rule query_or_key_plus1 (+1 hides nothing).
-struct KeySet {
-  std::int64_t n = 0, np = 0;           // kept keys; n rounded up to the vector width
-  const std::int64_t* pos = nullptr;    // [n] their positions
-  const std::uint8_t* hidden = nullptr;  // [n] their hidden flags
-  bool all = true;                      // every key kept (pos[j] == j)
-};
-
-KeySet key_set(const std::uint8_t* hid, std::int64_t L, int rule, std::int64_t* pos,
-               std::uint8_t* hidden) {
-  KeySet ks;
-  ks.pos = pos;
-  ks.hidden = hidden;
-  if (rule == kRuleKey)
-    for (std::int64_t j = 0; j < L; ++j)
-      if (hid[j] == 0) {
-        pos[ks.n] = j;
-        hidden[ks.n++] = 0;
-      }
-  if (ks.n == 0 || ks.n == L) {  // nothing to leave out
-    for (std::int64_t j = 0; j < L; ++j) {
-      pos[j] = j;
-      hidden[j] = hid[j];
-    }
-    ks.n = L;
-  }
-  ks.all = ks.n == L;
-  ks.np = round_up(ks.n, W);
-  return ks;
 }
 
 // dst[d * ks.np + j] = column d of key row ks.pos[j], zero for n <= j < np: K (or V) transposed.
@@ -228,33 +62,6 @@ void scatter_keys(const float* src, const KeySet& ks, std::int64_t L, std::int64
   }
   std::memset(dst, 0, static_cast<std::size_t>(L) * row_bytes);
   for (std::int64_t j = 0; j < ks.n; ++j) std::memcpy(dst + ks.pos[j] * hd, src + j * hd, row_bytes);
-}
-
-// Per-key additive terms so that s' = (s + b1[j]) + b2[j] reproduces the reference in float32
-// (see the header) for the L keys given (a KeySet's); columns L .. Lp-1 get -inf, i.e.
-// probability 0. For rule
-// query_or_key_plus1, b1q is the row used by hidden queries (+1 on every real key).
-void key_terms(const std::uint8_t* hid, std::int64_t L, std::int64_t Lp, int rule, float* b1,
-               float* b2, float* b1q) {
-  bool all_hidden = true;
-  for (std::int64_t j = 0; j < L; ++j) all_hidden = all_hidden && hid[j] != 0;
-  const float ninf = -std::numeric_limits<float>::infinity();
-  for (std::int64_t j = 0; j < Lp; ++j) {
-    const bool h = j < L && hid[j] != 0;
-    if (j >= L) {
-      b1[j] = ninf;
-      b2[j] = 0.0f;
-      b1q[j] = ninf;
-    } else if (rule == kRuleKey) {
-      b1[j] = h ? -1e9f : 0.0f;
-      b2[j] = (h && all_hidden) ? 1e9f : 0.0f;
-      b1q[j] = b1[j];
-    } else {
-      b1[j] = h ? 1.0f : 0.0f;
-      b2[j] = 0.0f;
-      b1q[j] = 1.0f;
-    }
-  }
 }
 
 struct Scratch {
