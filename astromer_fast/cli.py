@@ -27,7 +27,7 @@ def _embed(args):
                   layout=args.layout, bands=args.band, layers=args.layers,
                   per_window=args.per_window, read_batch_rows=args.read_rows,
                   resume=args.resume, continue_on_error=args.continue_on_error,
-                  progress=not args.quiet)
+                  progress=not args.quiet, precision=args.precision)
     for src, why in summary.failed:
         print(f"FAILED {why[len('error: '):] if why.startswith('error: ') else src}",
               file=sys.stderr)
@@ -49,7 +49,7 @@ def _info(args):
 
     import astromer_fast
     from astromer_fast.kernels import available_backends
-    from astromer_fast.kernels._ext import CPU_WORKERS_ENV, cpu_ext, cpu_workers, cuda_ext
+    from astromer_fast.kernels._ext import CPU_WORKERS_ENV, ISA_ENV, cpu_ext, cpu_workers, cuda_ext
     from astromer_fast.weights.packaged import packaged_models
 
     print(f"astromer_fast {astromer_fast.__version__}, torch {torch.__version__}")
@@ -62,6 +62,12 @@ def _info(args):
                  else f"own std::threads ({w['why']})")
         print(f"  C++ kernels' worker threads: {where}, {torch.get_num_threads()} threads "
               f"(${CPU_WORKERS_ENV})")
+        from astromer_fast.model.fused_cpu import PRECISION_ENV, cpu_isa_info, resolve_precision
+
+        isa = cpu_isa_info()
+        print(f"  CPU: {isa['model'] or 'unknown model'}; features {isa['features']}; fused "
+              f"kernels at ISA level {isa['active']} (${ISA_ENV}); CPU precision "
+              f"{resolve_precision()} (${PRECISION_ENV})")
     if torch.cuda.is_available():
         from astromer_fast.kernels import backends
         from astromer_fast.kernels.masked_attention import CUDA_ATTENTION_ENV, _cuda_attention_kernel
@@ -91,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "directory or released TensorFlow checkpoint (default: the packaged model)")
     e.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     e.add_argument("--batch-size", type=int, default=256, help="windows per model call")
+    e.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
+                   help="arithmetic of the model (default auto: $ASTROMER_FAST_PRECISION, else "
+                   "bf16 on CPUs with native bfloat16 and on CUDA, else fp32)")
     e.add_argument("--read-rows", type=int, default=4096,
                    help="curves per record batch read (bounds memory; default 4096)")
     e.add_argument("--window-mode", choices=["overlap", "nonoverlap"], default="overlap")

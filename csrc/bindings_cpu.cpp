@@ -10,7 +10,9 @@
 #include <vector>
 
 #include "bindings_common.h"
+#include "cpu/fused_block.h"
 #include "cpu/input_embedding.h"
+#include "cpu/isa.h"
 #include "cpu/masked_attention.h"
 #include "cpu/parallel.h"
 #include "cpu/weighted_rmse.h"
@@ -25,9 +27,10 @@ using namespace astromer_fast::bindings;
 void input_embedding_forward(std::uintptr_t t, std::uintptr_t m, std::uintptr_t hidden,
                              std::uintptr_t w, std::uintptr_t b, std::uintptr_t token, double base,
                              std::int64_t rows, std::int64_t dim, std::uintptr_t out,
-                             int num_threads) {
-  const auto a = input_embedding_args<cpu::InputEmbeddingArgs>(t, m, hidden, w, b, token, base,
-                                                               rows, dim, out);
+                             int num_threads, std::uintptr_t out_bf16) {
+  auto a = input_embedding_args<cpu::InputEmbeddingArgs>(t, m, hidden, w, b, token, base, rows,
+                                                         dim, out);
+  set_ptr(a.out_bf16, out_bf16);
   cpu::input_embedding_forward(a, num_threads);
 }
 
@@ -83,6 +86,93 @@ void masked_attention_backward(std::uintptr_t q, std::uintptr_t k, std::uintptr_
   cpu::masked_attention_backward(g, num_threads);
 }
 
+// ---- fused encoder block (cpu/fused_block.h) ----
+cpu::Storage storage_of(bool bf16) { return bf16 ? cpu::Storage::kBFloat16 : cpu::Storage::kFloat32; }
+
+void residual_layernorm(std::uintptr_t x, std::int64_t ld_x, std::uintptr_t bias_x,
+                        std::uintptr_t res, std::int64_t ld_res, std::uintptr_t bias_res,
+                        std::uintptr_t gamma, std::uintptr_t beta, double eps, std::int64_t rows,
+                        std::int64_t dim, bool bf16, std::uintptr_t out, std::int64_t ld_out,
+                        std::uintptr_t valid, std::int64_t window_rows, std::uintptr_t pooled,
+                        std::int64_t ld_pooled, int num_threads) {
+  cpu::ResidualLayerNormArgs a;
+  set_ptr(a.x, x);
+  a.ld_x = ld_x;
+  set_ptr(a.bias_x, bias_x);
+  set_ptr(a.res, res);
+  a.ld_res = ld_res;
+  set_ptr(a.bias_res, bias_res);
+  set_ptr(a.gamma, gamma);
+  set_ptr(a.beta, beta);
+  a.eps = static_cast<float>(eps);
+  a.rows = rows;
+  a.dim = dim;
+  a.storage = storage_of(bf16);
+  set_ptr(a.out, out);
+  a.ld_out = ld_out;
+  set_ptr(a.valid, valid);
+  a.window_rows = window_rows;
+  set_ptr(a.pooled, pooled);
+  a.ld_pooled = ld_pooled;
+  cpu::residual_layernorm(a, num_threads);
+}
+
+void bias_tanh(std::uintptr_t x, std::int64_t ld_x, std::uintptr_t bias, std::int64_t rows,
+               std::int64_t cols, bool bf16, std::uintptr_t out, std::int64_t ld_out,
+               int num_threads) {
+  cpu::BiasTanhArgs a;
+  set_ptr(a.x, x);
+  a.ld_x = ld_x;
+  set_ptr(a.bias, bias);
+  a.rows = rows;
+  a.cols = cols;
+  a.storage = storage_of(bf16);
+  set_ptr(a.out, out);
+  a.ld_out = ld_out;
+  cpu::bias_tanh(a, num_threads);
+}
+
+void block_attention(std::uintptr_t qkv, std::int64_t ld_qkv, std::uintptr_t bias,
+                     std::uintptr_t hidden, std::int64_t batch, std::int64_t length,
+                     std::int64_t heads, std::int64_t head_dim, int rule, double scale,
+                     bool skip_hidden_queries, bool bf16, std::uintptr_t out, std::int64_t ld_out,
+                     int num_threads) {
+  cpu::BlockAttentionArgs a;
+  set_ptr(a.qkv, qkv);
+  a.ld_qkv = ld_qkv;
+  set_ptr(a.bias, bias);
+  set_ptr(a.hidden, hidden);
+  a.batch = batch;
+  a.length = length;
+  a.heads = heads;
+  a.head_dim = head_dim;
+  a.rule = rule;
+  a.scale = static_cast<float>(scale);
+  a.skip_hidden_queries = skip_hidden_queries;
+  a.storage = storage_of(bf16);
+  set_ptr(a.out, out);
+  a.ld_out = ld_out;
+  cpu::block_attention(a, num_threads);
+}
+
+py::dict cpu_isa_info() {
+  const cpu::CpuFeatures& f = cpu::cpu_features();
+  py::dict d;
+  d["model"] = f.model;
+  d["detected"] = cpu::isa_name(cpu::detected_isa());
+  d["active"] = cpu::isa_name(cpu::active_isa());
+  py::list feats;
+  if (f.avx2_fma) feats.append("avx2");
+  if (f.avx512) feats.append("avx512");
+  if (f.avx512_bf16) feats.append("avx512_bf16");
+  if (f.avx512_vnni) feats.append("avx512_vnni");
+  if (f.amx_bf16) feats.append("amx_bf16");
+  d["features"] = feats;
+  return d;
+}
+
+void set_cpu_isa(const std::string& name) { cpu::set_isa_limit(cpu::isa_from_name(name)); }
+
 py::object threading_runtime() {
   const cpu::OpenMPRuntime* rt = cpu::openmp_runtime();
   if (rt == nullptr) return py::none();
@@ -105,10 +195,12 @@ PYBIND11_MODULE(_C, mod) {
   mod.doc() = "astromer_fast CPU kernels (raw-pointer interface, no libtorch)";
   // std::invalid_argument becomes ValueError through pybind11's default translator.
   mod.def("input_embedding_forward", &input_embedding_forward,
-          "out[r, j] = PE_j(t[r]) + m'[r] * w[j] + b[j] on float32 host buffers; 0 = null pointer.",
+          "out[r, j] = PE_j(t[r]) + m'[r] * w[j] + b[j] on float32 host buffers; 0 = null pointer. "
+          "With out_bf16 (and out = 0) the result is written as bfloat16 there.",
           py::arg("t"), py::arg("m"), py::arg("hidden"), py::arg("w"), py::arg("b"),
           py::arg("token"), py::arg("base"), py::arg("rows"), py::arg("dim"), py::arg("out"),
-          py::arg("num_threads") = 1, py::call_guard<py::gil_scoped_release>());
+          py::arg("num_threads") = 1, py::arg("out_bf16") = 0,
+          py::call_guard<py::gil_scoped_release>());
   mod.def("weighted_rmse_forward", &weighted_rmse_forward,
           "Weighted masked RMSE (SPEC.md section 4) of (rows, length) host buffers: writes the loss, "
           "scale = 1/(loss*n_probed_windows) and dir = w p (pred - y) / c (d loss/d pred = dir*scale); "
@@ -143,6 +235,31 @@ PYBIND11_MODULE(_C, mod) {
           py::arg("dv"), py::arg("num_threads") = 1,
           py::arg("qkv_strides") = std::vector<std::int64_t>(),
           py::call_guard<py::gil_scoped_release>());
+  // The fused encoder block (cpu/fused_block.h); storage float32 or (bf16=True) bfloat16.
+  mod.def("residual_layernorm", &residual_layernorm,
+          "out = LayerNorm(x + bias_x + res + bias_res) * gamma + beta per row (res, biases: 0 = "
+          "none); with pooled, also the window means over valid rows of the float32 result.",
+          py::arg("x"), py::arg("ld_x"), py::arg("bias_x"), py::arg("res"), py::arg("ld_res"),
+          py::arg("bias_res"), py::arg("gamma"), py::arg("beta"), py::arg("eps"), py::arg("rows"),
+          py::arg("dim"), py::arg("bf16"), py::arg("out"), py::arg("ld_out"), py::arg("valid") = 0,
+          py::arg("window_rows") = 0, py::arg("pooled") = 0, py::arg("ld_pooled") = 0,
+          py::arg("num_threads") = 1, py::call_guard<py::gil_scoped_release>());
+  mod.def("bias_tanh", &bias_tanh, "out = tanh(x + bias) on (rows, cols) strided buffers.",
+          py::arg("x"), py::arg("ld_x"), py::arg("bias"), py::arg("rows"), py::arg("cols"),
+          py::arg("bf16"), py::arg("out"), py::arg("ld_out"), py::arg("num_threads") = 1,
+          py::call_guard<py::gil_scoped_release>());
+  mod.def("block_attention", &block_attention,
+          "Masked attention of a fused (B*L, >= 3*H*hd) q|k|v projection plus biases, heads side "
+          "by side in out (B*L, H*hd); rule 0 = key, 1 = query_or_key_plus1.",
+          py::arg("qkv"), py::arg("ld_qkv"), py::arg("bias"), py::arg("hidden"), py::arg("batch"),
+          py::arg("length"), py::arg("heads"), py::arg("head_dim"), py::arg("rule"),
+          py::arg("scale"), py::arg("skip_hidden_queries"), py::arg("bf16"), py::arg("out"),
+          py::arg("ld_out"), py::arg("num_threads") = 1, py::call_guard<py::gil_scoped_release>());
+  mod.def("cpu_isa_info", &cpu_isa_info,
+          "The CPU's model and vector features, and the ISA level the fused-block kernels use.");
+  mod.def("set_cpu_isa", &set_cpu_isa,
+          "Caps the fused-block kernels' ISA level (baseline, avx2, avx512, avx512_bf16); "
+          "ValueError above what the CPU supports.", py::arg("name"));
   // std::runtime_error becomes RuntimeError.
   mod.def("attach_openmp", &cpu::attach_openmp,
           "Run the kernels' worker chunks on the OpenMP runtime that the already-loaded library at "

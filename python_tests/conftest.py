@@ -7,6 +7,11 @@ from pathlib import Path
 
 import pytest
 
+# Tests that compare embeddings with the float32 model (by hand, across engines, across runs) pin
+# the CPU precision to float32; the bfloat16 default is tested against float32, with its own
+# tolerances, in test_fused_cpu.py.
+os.environ.setdefault("ASTROMER_FAST_PRECISION", "fp32")
+
 
 def shared_data_dir() -> Path:
     """../shared/data beside the repository, or ASTROMER_FAST_SHARED_DATA."""

@@ -1,7 +1,8 @@
 """The device side of the embedding pipeline: batches of windows through the model, pooling and
 the per-curve average on the device, so only the pooled floats come back to the host.
 
-On CUDA: bf16 autocast with fp32 pooling, pinned host memory, non-blocking copies, and CUDA graphs:
+On the CPU: the fused encoder (``astromer_fast.model.fused_cpu``), in the precision asked for or the
+CPU's default. On CUDA: bf16 autocast (unless ``precision="fp32"``) with fp32 pooling, pinned host memory, non-blocking copies, and CUDA graphs:
 one graph per window-width bucket (widths rounded up to a multiple of 16, batches padded to the
 batch size with fully hidden rows), so a replay costs one launch instead of ~100. Padding columns
 and rows are hidden keys, which get exactly zero attention weight, so the buckets change nothing
@@ -40,12 +41,14 @@ class WindowEncoder:
     short windows costs a fraction of 200 slots. Sorting by length makes the batches dense."""
 
     def __init__(self, model, device, batch_size: int = 256, layers: bool = False,
-                 timers: Timers | None = None, cuda_graphs: bool | None = None):
+                 timers: Timers | None = None, cuda_graphs: bool | None = None,
+                 precision: str | None = None):
         self.model = model
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
         self.layers = layers
         self.cuda = self.device.type == "cuda"
+        self.precision, self.fused = _choose_engine(model, self.device, precision)
         self.timers = timers if timers is not None else Timers()
         self.d = model.config.d_model
         self.n_layers = model.config.n_blocks + 1
@@ -67,7 +70,10 @@ class WindowEncoder:
         return self._pooled_eager(t, m, valid)
 
     def _pooled_eager(self, t, m, valid):
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda):
+        if self.fused is not None:
+            return self.fused(t, m, valid, layers=self.layers)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16,
+                            enabled=self.precision == "bf16"):
             out = self.model.encode(t, m, ~valid, return_layers=self.layers)
         # Pooling in fp32 whatever the compute dtype.
         if self.layers:
@@ -133,6 +139,23 @@ class WindowEncoder:
         if self.layers:
             return emb[:, -1], emb, (None if win_np is None else win_np[:, -1]), win_np
         return emb, None, win_np, None
+
+
+def _choose_engine(model, device: torch.device, precision: str | None):
+    """(precision, fused CPU encoder or None). On the CPU the fused encoder runs whenever the
+    model's shape allows it (else the plain model, under bf16 autocast for ``bf16``); on CUDA the
+    plain model runs, under bf16 autocast unless ``fp32`` is asked for."""
+    from astromer_fast.model.fused_cpu import (FusedCpuEncoder, fused_cpu_unsupported,
+                                               resolve_precision)
+
+    if device.type != "cpu":
+        if precision not in (None, "auto", "fp32", "bf16"):
+            resolve_precision(precision)  # raises, naming the choices
+        return ("fp32" if precision == "fp32" else "bf16"), None
+    precision = resolve_precision(precision)
+    if fused_cpu_unsupported(model.config) is not None:
+        return precision, None
+    return precision, FusedCpuEncoder(model, precision)
 
 
 def pin(a: np.ndarray, cuda: bool) -> torch.Tensor:

@@ -188,7 +188,7 @@ def weights_sha256(model) -> tuple[str, str]:
 
 
 def _metadata(model, *, window_mode, min_obs, layout=None, layers=False, per_window=False,
-              bands=None, sha=None) -> dict:
+              bands=None, sha=None, precision=None) -> dict:
     from astromer_fast import __version__
 
     info = getattr(model, "pretrained_info", {}) or {}
@@ -202,6 +202,7 @@ def _metadata(model, *, window_mode, min_obs, layout=None, layers=False, per_win
         "config": model.config.to_dict(),
         "layout": None if layout is None else layout.describe(),
         "output": {"per_window": per_window, "layers": layers, "bands": bands},
+        "precision": precision,
         "preprocessing": {"window": model.config.window, "window_mode": window_mode,
                           "min_obs": min_obs, "cleaning": CLEANING_RULES,
                           "centring": "per-window mean of valid t (float64) and m",
@@ -269,7 +270,7 @@ class BatchEmbedder:
                  window_mode: str = "overlap", min_obs: int = 5, id_col=None, band_col=None,
                  lightcurve_col=None, time_col=None, mag_col=None, err_col=None, layout=None,
                  bands=None, layers: bool = False, per_window: bool = False,
-                 timers: Timers | None = None):
+                 timers: Timers | None = None, precision: str | None = None):
         from astromer_fast.weights import load_model
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -284,11 +285,12 @@ class BatchEmbedder:
                               band_col=band_col, lightcurve_col=lightcurve_col, layout=layout)
         self.prep_kw = dict(window=self.net.config.window, window_mode=window_mode,
                             min_obs=min_obs, cuda=self.device.type == "cuda", bands=self.bands)
-        self.meta_kw = dict(window_mode=window_mode, min_obs=min_obs, layers=layers,
-                            per_window=per_window, bands=self.bands, sha=weights_sha256(self.net))
         self.timers = timers if timers is not None else Timers()
         self.encoder = WindowEncoder(self.net, self.device, batch_size=batch_size, layers=layers,
-                                     timers=self.timers)
+                                     timers=self.timers, precision=precision)
+        self.meta_kw = dict(window_mode=window_mode, min_obs=min_obs, layers=layers,
+                            per_window=per_window, bands=self.bands, sha=weights_sha256(self.net),
+                            precision=self.encoder.precision)
 
     def detect(self, schema: pa.Schema, where: str = "input"):
         return detect_layout(schema, where, **self.layout_kw)
@@ -320,7 +322,7 @@ def embed(source, output=None, *, model=None, batch_size: int = 256, device=None
           bands=None, layers: bool = False, per_window: bool = False,
           read_batch_rows: int = 4096, long_batch_rows: int | None = None,
           resume: bool = False, continue_on_error: bool = False, progress: bool = True,
-          return_rejects: bool = False, prefetch: int = 2):
+          return_rejects: bool = False, prefetch: int = 2, precision: str | None = None):
     """Embed light curves: one vector (``model.config.d_model`` = 256 floats) per (object, band).
 
     ``source``: a Parquet path, glob, directory or list of them, or a ``pyarrow.Table``.
@@ -343,6 +345,9 @@ def embed(source, output=None, *, model=None, batch_size: int = 256, device=None
     discarded and redone); the result equals an uninterrupted run.
     ``continue_on_error=True``: an unreadable input is reported (summary, CLI exit status 1) and
     the others are embedded; otherwise it raises ``ValueError`` naming the file.
+    ``precision``: "fp32", "bf16" or None/"auto" (``$ASTROMER_FAST_PRECISION``, else on the CPU
+    bf16 where it has native bfloat16 arithmetic, else fp32; on CUDA bf16 autocast). The mode used
+    is recorded in the output's metadata; ``bench/RESULTS.md`` gives each mode's accuracy.
     """
     from tqdm.auto import tqdm
 
@@ -351,7 +356,7 @@ def embed(source, output=None, *, model=None, batch_size: int = 256, device=None
                        min_obs=min_obs, id_col=id_col, band_col=band_col,
                        lightcurve_col=lightcurve_col, time_col=time_col, mag_col=mag_col,
                        err_col=err_col, layout=layout, bands=bands, layers=layers,
-                       per_window=per_window)
+                       per_window=per_window, precision=precision)
     d, n_layers, layout_kw, prep_kw, timers = be.d, be.n_layers, be.layout_kw, be.prep_kw, be.timers
     summary = EmbedSummary()
 

@@ -30,6 +30,7 @@ def _load(name: str) -> tuple[ModuleType | None, BaseException | None]:
                 hit = (mod, None) if mod is not None else (None, exc)
             if name == "_C" and hit[0] is not None:
                 _choose_cpu_workers(hit[0])
+                _limit_isa(hit[0])
             _cache[name] = hit
     return hit
 
@@ -112,6 +113,22 @@ def _choose_cpu_workers(ext: ModuleType) -> None:
     except (RuntimeError, AttributeError) as exc:  # no OpenMP in this torch build; old extension
         _cpu_workers.update(workers="threads", runtime=None,
                             why=f"torch's OpenMP pool cannot be used: {exc}")
+
+
+ISA_ENV = "ASTROMER_FAST_CPU_ISA"
+
+
+def _limit_isa(ext: ModuleType) -> None:
+    """``$ASTROMER_FAST_CPU_ISA`` caps the vector instructions of the fused-block kernels
+    (baseline, avx2, avx512, avx512_bf16); a level above the CPU's is an error, not ignored."""
+    import os
+
+    want = os.environ.get(ISA_ENV, "").strip().lower()
+    if want and hasattr(ext, "set_cpu_isa"):
+        try:
+            ext.set_cpu_isa(want)
+        except ValueError as exc:
+            raise ValueError(f"${ISA_ENV}={want!r}: {exc}") from None
 
 
 def cpu_workers() -> dict:

@@ -74,5 +74,17 @@ inline void key_terms(const std::uint8_t* hid, std::int64_t L, std::int64_t Lp, 
   }
 }
 
+// x[r*ld + j] = scaled logits with the mask terms; returns the row maximum.
+AF_INLINE float biased_row(float* __restrict__ s, const float* __restrict__ b1,
+                           const float* __restrict__ b2, std::int64_t Lp, float scale) {
+  vf m = splat(-std::numeric_limits<float>::infinity());
+  for (std::int64_t j = 0; j < Lp; j += W) {
+    const vf x = (loadv(s + j) * scale + loadv(b1 + j)) + loadv(b2 + j);
+    storev(s + j, x);
+    m = x > m ? x : m;
+  }
+  return hmax(m);
+}
+
 }  // namespace cpu
 }  // namespace astromer_fast

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/bf16.h"
 #include "cpu/common.h"
 #include "cpu/parallel.h"
 
@@ -72,8 +73,9 @@ void validate(const InputEmbeddingArgs& a) {
                                 std::to_string(a.dim));
   if (!(a.base > 0.0) || !std::isfinite(a.base))
     throw std::invalid_argument("input_embedding: base must be finite and > 0");
-  if (a.rows > 0 && (!a.t || !a.m || !a.out))
-    throw std::invalid_argument("input_embedding: t, m and out must not be null");
+  if (a.rows > 0 && (!a.t || !a.m || (!a.out == !a.out_bf16)))
+    throw std::invalid_argument("input_embedding: t and m must not be null, and exactly one of "
+                                "out and out_bf16 must be given");
   if (!a.w || !a.b) throw std::invalid_argument("input_embedding: w and b must not be null");
 }
 
@@ -96,9 +98,13 @@ void input_embedding_forward(const InputEmbeddingArgs& a, int num_threads) {
   // ~32k outputs per task keeps thread start-up (tens of microseconds) well below the work.
   const std::int64_t grain_rows = std::max<std::int64_t>(1, 32768 / dim);
   parallel_for(a.rows, grain_rows, num_threads, [&](std::int64_t r0, std::int64_t r1) {
+    std::vector<float> row(a.out_bf16 ? static_cast<std::size_t>(dim) : 0);
     for (std::int64_t r = r0; r < r1; ++r) {
       const float mv = (use_token && a.hidden[r]) ? token : a.m[r];
-      embed_row(static_cast<double>(a.t[r]), mv, om, a.w, a.b, dim, a.out + r * dim);
+      float* dst = a.out_bf16 ? row.data() : a.out + r * dim;
+      embed_row(static_cast<double>(a.t[r]), mv, om, a.w, a.b, dim, dst);
+      if (a.out_bf16)
+        for (std::int64_t j = 0; j < dim; ++j) a.out_bf16[r * dim + j] = float_to_bf16(dst[j]);
     }
   });
 }

@@ -23,6 +23,7 @@ struct InputEmbeddingArgs {
   std::int64_t rows = 0;
   std::int64_t dim = 0;              // D, even
   float* out = nullptr;              // [rows, dim]
+  std::uint16_t* out_bf16 = nullptr;  // [rows, dim] bfloat16 (rounded to nearest even) instead of out
 };
 
 // Throws std::invalid_argument on bad arguments. num_threads <= 1 runs on the calling thread.

@@ -78,18 +78,6 @@ void ensure(std::vector<float>& v, std::int64_t n) {
   if (static_cast<std::int64_t>(v.size()) < n) v.assign(static_cast<std::size_t>(n), 0.0f);
 }
 
-// x[r*ld + j] = scaled logits with the mask terms; returns the row maximum.
-AF_INLINE float biased_row(float* __restrict__ s, const float* __restrict__ b1,
-                           const float* __restrict__ b2, std::int64_t Lp, float scale) {
-  vf m = splat(-std::numeric_limits<float>::infinity());
-  for (std::int64_t j = 0; j < Lp; j += W) {
-    const vf x = (loadv(s + j) * scale + loadv(b1 + j)) + loadv(b2 + j);
-    storev(s + j, x);
-    m = x > m ? x : m;
-  }
-  return hmax(m);
-}
-
 // out/lse for queries [q0, q1) of one (b, h).
 ASTROMER_FAST_CLONES_V4
 void forward_task(const MaskedAttentionArgs& a, std::int64_t bh, std::int64_t q0, std::int64_t q1,

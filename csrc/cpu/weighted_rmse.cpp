@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "cpu/bf16.h"
 #include "cpu/common.h"
 #include "cpu/parallel.h"
 
@@ -164,15 +165,6 @@ void run_err(const WeightedRmseArgs& a, int num_threads) {
     run_dir<kBf16, false>(a, num_threads);
 }
 
-// float32 -> bfloat16 bits, round to nearest even; NaN stays a (quiet) NaN.
-inline std::uint16_t to_bf16_bits(float f) {
-  std::uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<std::uint16_t>((u >> 16) | 0x40u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<std::uint16_t>(u >> 16);
-}
-
 ASTROMER_FAST_CLONES
 void scale_f32(const float* __restrict__ dir, float s, float* __restrict__ out, std::int64_t n) {
   for (std::int64_t i = 0; i < n; ++i) out[i] = dir[i] * s;
@@ -181,7 +173,7 @@ void scale_f32(const float* __restrict__ dir, float s, float* __restrict__ out, 
 ASTROMER_FAST_CLONES
 void scale_bf16(const float* __restrict__ dir, float s, std::uint16_t* __restrict__ out,
                 std::int64_t n) {
-  for (std::int64_t i = 0; i < n; ++i) out[i] = to_bf16_bits(dir[i] * s);
+  for (std::int64_t i = 0; i < n; ++i) out[i] = float_to_bf16(dir[i] * s);
 }
 
 }  // namespace
