@@ -94,7 +94,8 @@ void residual_layernorm(std::uintptr_t x, std::int64_t ld_x, std::uintptr_t bias
                         std::uintptr_t gamma, std::uintptr_t beta, double eps, std::int64_t rows,
                         std::int64_t dim, bool bf16, std::uintptr_t out, std::int64_t ld_out,
                         std::uintptr_t valid, std::int64_t window_rows, std::uintptr_t pooled,
-                        std::int64_t ld_pooled, int num_threads) {
+                        std::int64_t ld_pooled, int num_threads, double dropout_keep,
+                        std::uint64_t dropout_seed, std::uintptr_t xhat, std::uintptr_t rstd) {
   cpu::ResidualLayerNormArgs a;
   set_ptr(a.x, x);
   a.ld_x = ld_x;
@@ -114,7 +115,58 @@ void residual_layernorm(std::uintptr_t x, std::int64_t ld_x, std::uintptr_t bias
   a.window_rows = window_rows;
   set_ptr(a.pooled, pooled);
   a.ld_pooled = ld_pooled;
+  a.dropout_keep = static_cast<float>(dropout_keep);
+  a.dropout_seed = dropout_seed;
+  set_ptr(a.xhat, xhat);
+  set_ptr(a.rstd, rstd);
   cpu::residual_layernorm(a, num_threads);
+}
+
+void residual_layernorm_backward(std::uintptr_t dy, std::int64_t ld_dy, std::uintptr_t xhat,
+                                 std::uintptr_t rstd, std::uintptr_t gamma, std::int64_t rows,
+                                 std::int64_t dim, bool bf16, double dropout_keep,
+                                 std::uint64_t dropout_seed, std::uintptr_t d_x,
+                                 std::int64_t ld_dx, std::uintptr_t d_res, std::int64_t ld_dres,
+                                 std::uintptr_t partials, int num_threads) {
+  cpu::ResidualLayerNormBackwardArgs a;
+  set_ptr(a.dy, dy);
+  a.ld_dy = ld_dy;
+  set_ptr(a.xhat, xhat);
+  set_ptr(a.rstd, rstd);
+  set_ptr(a.gamma, gamma);
+  a.rows = rows;
+  a.dim = dim;
+  a.storage = storage_of(bf16);
+  a.dropout_keep = static_cast<float>(dropout_keep);
+  a.dropout_seed = dropout_seed;
+  set_ptr(a.d_x, d_x);
+  a.ld_dx = ld_dx;
+  set_ptr(a.d_res, d_res);
+  a.ld_dres = ld_dres;
+  set_ptr(a.partials, partials);
+  cpu::residual_layernorm_backward(a, num_threads);
+}
+
+void tanh_backward(std::uintptr_t dy, std::int64_t ld_dy, std::uintptr_t y, std::int64_t ld_y,
+                   std::int64_t rows, std::int64_t cols, bool bf16, std::uintptr_t dx,
+                   std::int64_t ld_dx, std::uintptr_t partials, int num_threads) {
+  cpu::TanhBackwardArgs a;
+  set_ptr(a.dy, dy);
+  a.ld_dy = ld_dy;
+  set_ptr(a.y, y);
+  a.ld_y = ld_y;
+  a.rows = rows;
+  a.cols = cols;
+  a.storage = storage_of(bf16);
+  set_ptr(a.dx, dx);
+  a.ld_dx = ld_dx;
+  set_ptr(a.partials, partials);
+  cpu::tanh_backward(a, num_threads);
+}
+
+void dropout_keep_mask(std::uint64_t seed, double keep, std::int64_t rows, std::int64_t cols,
+                       std::uintptr_t out) {
+  cpu::dropout_keep_mask(seed, static_cast<float>(keep), rows, cols, as_ptr<std::uint8_t>(out));
 }
 
 void bias_tanh(std::uintptr_t x, std::int64_t ld_x, std::uintptr_t bias, std::int64_t rows,
@@ -136,7 +188,7 @@ void block_attention(std::uintptr_t qkv, std::int64_t ld_qkv, std::uintptr_t bia
                      std::uintptr_t hidden, std::int64_t batch, std::int64_t length,
                      std::int64_t heads, std::int64_t head_dim, int rule, double scale,
                      bool skip_hidden_queries, bool bf16, std::uintptr_t out, std::int64_t ld_out,
-                     int num_threads) {
+                     int num_threads, std::uintptr_t lse) {
   cpu::BlockAttentionArgs a;
   set_ptr(a.qkv, qkv);
   a.ld_qkv = ld_qkv;
@@ -152,7 +204,39 @@ void block_attention(std::uintptr_t qkv, std::int64_t ld_qkv, std::uintptr_t bia
   a.storage = storage_of(bf16);
   set_ptr(a.out, out);
   a.ld_out = ld_out;
+  set_ptr(a.lse, lse);
   cpu::block_attention(a, num_threads);
+}
+
+void block_attention_backward(std::uintptr_t qkv, std::int64_t ld_qkv, std::uintptr_t bias,
+                              std::uintptr_t hidden, std::int64_t batch, std::int64_t length,
+                              std::int64_t heads, std::int64_t head_dim, int rule, double scale,
+                              bool bf16, std::uintptr_t out, std::int64_t ld_out,
+                              std::uintptr_t lse, std::uintptr_t dout, std::int64_t ld_dout,
+                              std::uintptr_t dqkv, std::int64_t ld_dqkv,
+                              std::uintptr_t bias_partials, int num_threads) {
+  cpu::BlockAttentionBackwardArgs g;
+  cpu::BlockAttentionArgs& a = g.fwd;
+  set_ptr(a.qkv, qkv);
+  a.ld_qkv = ld_qkv;
+  set_ptr(a.bias, bias);
+  set_ptr(a.hidden, hidden);
+  a.batch = batch;
+  a.length = length;
+  a.heads = heads;
+  a.head_dim = head_dim;
+  a.rule = rule;
+  a.scale = static_cast<float>(scale);
+  a.storage = storage_of(bf16);
+  set_ptr(a.out, out);
+  a.ld_out = ld_out;
+  set_ptr(a.lse, lse);
+  set_ptr(g.dout, dout);
+  g.ld_dout = ld_dout;
+  set_ptr(g.dqkv, dqkv);
+  g.ld_dqkv = ld_dqkv;
+  set_ptr(g.bias_partials, bias_partials);
+  cpu::block_attention_backward(g, num_threads);
 }
 
 py::dict cpu_isa_info() {
@@ -243,7 +327,24 @@ PYBIND11_MODULE(_C, mod) {
           py::arg("bias_res"), py::arg("gamma"), py::arg("beta"), py::arg("eps"), py::arg("rows"),
           py::arg("dim"), py::arg("bf16"), py::arg("out"), py::arg("ld_out"), py::arg("valid") = 0,
           py::arg("window_rows") = 0, py::arg("pooled") = 0, py::arg("ld_pooled") = 0,
+          py::arg("num_threads") = 1, py::arg("dropout_keep") = 1.0, py::arg("dropout_seed") = 0,
+          py::arg("xhat") = 0, py::arg("rstd") = 0, py::call_guard<py::gil_scoped_release>());
+  mod.def("residual_layernorm_backward", &residual_layernorm_backward,
+          "Backward of residual_layernorm from dy, xhat and rstd: d_x (dropout applied), d_res, "
+          "and per-64-row partial sums [blocks, 4, dim] of d gamma, d beta, d bias_x, d bias_res.",
+          py::arg("dy"), py::arg("ld_dy"), py::arg("xhat"), py::arg("rstd"), py::arg("gamma"),
+          py::arg("rows"), py::arg("dim"), py::arg("bf16"), py::arg("dropout_keep"),
+          py::arg("dropout_seed"), py::arg("d_x"), py::arg("ld_dx"), py::arg("d_res"),
+          py::arg("ld_dres"), py::arg("partials"), py::arg("num_threads") = 1,
+          py::call_guard<py::gil_scoped_release>());
+  mod.def("tanh_backward", &tanh_backward,
+          "dx = dy * (1 - y^2) and per-64-row partial sums [blocks, cols] of dx.", py::arg("dy"),
+          py::arg("ld_dy"), py::arg("y"), py::arg("ld_y"), py::arg("rows"), py::arg("cols"),
+          py::arg("bf16"), py::arg("dx"), py::arg("ld_dx"), py::arg("partials"),
           py::arg("num_threads") = 1, py::call_guard<py::gil_scoped_release>());
+  mod.def("dropout_keep_mask", &dropout_keep_mask,
+          "The keep mask (uint8 rows x cols) the fused passes apply for (seed, keep).",
+          py::arg("seed"), py::arg("keep"), py::arg("rows"), py::arg("cols"), py::arg("out"));
   mod.def("bias_tanh", &bias_tanh, "out = tanh(x + bias) on (rows, cols) strided buffers.",
           py::arg("x"), py::arg("ld_x"), py::arg("bias"), py::arg("rows"), py::arg("cols"),
           py::arg("bf16"), py::arg("out"), py::arg("ld_out"), py::arg("num_threads") = 1,
@@ -254,7 +355,17 @@ PYBIND11_MODULE(_C, mod) {
           py::arg("qkv"), py::arg("ld_qkv"), py::arg("bias"), py::arg("hidden"), py::arg("batch"),
           py::arg("length"), py::arg("heads"), py::arg("head_dim"), py::arg("rule"),
           py::arg("scale"), py::arg("skip_hidden_queries"), py::arg("bf16"), py::arg("out"),
-          py::arg("ld_out"), py::arg("num_threads") = 1, py::call_guard<py::gil_scoped_release>());
+          py::arg("ld_out"), py::arg("num_threads") = 1, py::arg("lse") = 0,
+          py::call_guard<py::gil_scoped_release>());
+  mod.def("block_attention_backward", &block_attention_backward,
+          "dq, dk, dv (into dqkv, laid out as qkv) of block_attention from out, lse and dout; "
+          "bias_partials [B, 3*H*hd]: per-window sums of dqkv (0 = not wanted).",
+          py::arg("qkv"), py::arg("ld_qkv"), py::arg("bias"), py::arg("hidden"), py::arg("batch"),
+          py::arg("length"), py::arg("heads"), py::arg("head_dim"), py::arg("rule"),
+          py::arg("scale"), py::arg("bf16"), py::arg("out"), py::arg("ld_out"), py::arg("lse"),
+          py::arg("dout"), py::arg("ld_dout"), py::arg("dqkv"), py::arg("ld_dqkv"),
+          py::arg("bias_partials"), py::arg("num_threads") = 1,
+          py::call_guard<py::gil_scoped_release>());
   mod.def("cpu_isa_info", &cpu_isa_info,
           "The CPU's model and vector features, and the ISA level the fused-block kernels use.");
   mod.def("set_cpu_isa", &set_cpu_isa,

@@ -337,3 +337,125 @@ def test_packaged_model_bf16_on_real_eros_windows(shared_data):
     a, b = emb["fp32"], emb["bf16"]
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert len(cos) > 90 and cos.min() >= 0.9999
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: forward and gradients of the fused passes
+# ---------------------------------------------------------------------------------------------
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("preset", ["astromer2", "astromer1"])
+def test_fused_training_gradients_match_float64_model(isa_level, preset):
+    """Dropout off (eval): the fused forward and every parameter's gradient against the float64
+    plain model, relative (norm) error per parameter measured against what the plain model
+    itself is off by in the same precision (float32 with the C++ kernels; bf16 autocast), plus a
+    margin: a random Astromer 1 can have attention-score gradients float32 gets only to ~1e-3."""
+    from astromer_fast.model.fused_cpu import fused_cpu_encode
+
+    model = random_model(preset=preset)
+    g = torch.Generator().manual_seed(5)
+    B, L = 5, 37
+    valid = torch.arange(L)[None] < torch.randint(3, L + 1, (B,), generator=g)[:, None]
+    hidden = ~valid | (torch.rand(B, L, generator=g) < 0.2)
+    t = (torch.rand(B, L, generator=g) * 100 - 50) * valid
+    m = torch.randn(B, L, generator=g) * valid
+    w = torch.randn(B, L, 64, generator=g)
+    model.eval()
+    ref = Astromer(model.config).double().eval()
+    ref.load_state_dict(model.state_dict())
+    out_ref = ref.encode(t.double(), m.double(), hidden, backend="torch").last
+    (out_ref * w.double()).sum().backward()
+    want = _grads(ref)
+
+    def rel_errors(got):
+        return {n: ((got[n].double() - want[n]).norm() / want[n].norm()).item() for n in want
+                if not n.endswith("wk.bias")}  # exactly 0: a key bias cannot change a softmax
+
+    yardstick = {}
+    for precision in ("fp32", "bf16"):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out_plain = model.encode(t, m, hidden, backend="cpu" if precision == "fp32"
+                                     else "torch").last
+        (out_plain.float() * w).sum().backward()
+        yardstick[precision] = rel_errors(_grads(model))
+    for precision in ("fp32", "bf16"):
+        model.zero_grad()
+        out = fused_cpu_encode(model, t, m, hidden, precision)
+        assert out.dtype == torch.float32 and out.shape == (B, L, 64)
+        (out * w).sum().backward()
+        got = _grads(model)
+        assert set(got) == set(want)
+        if precision == "fp32":
+            torch.testing.assert_close(out.double(), out_ref, rtol=0, atol=2e-5)
+        else:
+            assert (out.double() - out_ref).abs().max() < 0.1
+        margin = 1e-4 if precision == "fp32" else 0.02
+        for n, e in rel_errors(got).items():
+            assert e < 3 * yardstick[precision][n] + margin, (n, e, yardstick[precision][n])
+
+
+def test_fused_block_dropout_masks_and_their_gradients():
+    """Training mode: the fused block equals the plain block computed with the masks the kernels
+    report (dropout_keep_mask), forward and backward, in float64."""
+    from astromer_fast.model.fused_cpu import _block_params, _FusedBlock
+
+    ext = _ext.cpu_ext()
+    model = random_model(n_blocks=1)
+    blk = model.blocks[0]
+    cfg = model.config
+    B, L, D = 3, 24, 64
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(B * L, D, generator=g, requires_grad=True)
+    hidden = torch.rand(B, L, generator=g) < 0.25
+    keep, seeds = 0.9, [12345, 2**61 + 7]
+    out = _FusedBlock.apply(x, hidden, (B, L), cfg, torch.float32, keep, seeds,
+                            *_block_params(blk))
+    dy = torch.randn(B * L, D, generator=g)
+    out.backward(dy)
+    got = {n: p.grad.clone() for n, p in blk.named_parameters()}
+    got_x = x.grad.clone()
+
+    masks = []
+    for s in seeds:
+        mk = torch.empty(B * L, D, dtype=torch.uint8)
+        ext.dropout_keep_mask(s, keep, B * L, D, mk.data_ptr())
+        masks.append(mk.double() / keep)
+    kept = torch.stack([(m_ > 0).double().mean() for m_ in masks])
+    assert ((kept > 0.8) & (kept < 0.97)).all()  # about 90% kept
+    assert not torch.equal(masks[0], masks[1])
+
+    ref = type(blk)(cfg).double()
+    ref.load_state_dict(blk.state_dict())
+    xr = x.detach().double().requires_grad_()
+    from astromer_fast.kernels.masked_attention import AttentionMask
+
+    h = xr.view(B, L, D)
+    a, _ = ref.attn(h, AttentionMask(hidden, cfg.mask_rule, "torch"))
+    a = ref.ln1(ref.leak1(h) + a * masks[0].view(B, L, D))
+    f = ref.ffn2(torch.tanh(ref.ffn1(a))) * masks[1].view(B, L, D)
+    want_out = ref.ln2(ref.leak2(a) + f).reshape(B * L, D)
+    want_out.backward(dy.double())
+    torch.testing.assert_close(out.double(), want_out, rtol=0, atol=2e-5)
+    torch.testing.assert_close(got_x.double(), xr.grad, rtol=0, atol=1e-4)
+    for n, p in ref.named_parameters():
+        if n.endswith("wk.bias"):
+            continue
+        err = ((got[n].double() - p.grad).norm() / p.grad.norm()).item()
+        assert err < 1e-4, (n, err)
+
+
+def test_trainer_takes_the_fused_path_on_the_cpu_unless_asked_not_to():
+    from astromer_fast.training.trainer import TrainSettings, uses_bf16, uses_cpu_fused
+
+    model = random_model()
+    assert uses_cpu_fused(model, TrainSettings(), "cpu")
+    assert not uses_cpu_fused(model, TrainSettings(cpu_fused=False), "cpu")
+    assert not uses_cpu_fused(model, TrainSettings(backend="torch"), "cpu")
+    assert not uses_cpu_fused(model, TrainSettings(sdpa=True), "cpu")
+    odd = Astromer(AstromerConfig(n_blocks=1, d_model=24, n_heads=1, dff=48))
+    assert not uses_cpu_fused(odd, TrainSettings(), "cpu")
+    assert uses_bf16(TrainSettings(bf16=True), "cpu")
+    assert uses_bf16(TrainSettings(), "cpu") == (resolve_precision() == "bf16")

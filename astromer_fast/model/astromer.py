@@ -234,8 +234,14 @@ class Astromer(nn.Module):
         return EncoderOutput(x, tuple(layers) if return_layers else None,
                              tuple(attn) if return_attention else None)
 
-    def forward(self, t, m, hidden, **kw) -> torch.Tensor:
-        """Reconstructed (centred) magnitude per observation, (B, L)."""
+    def forward(self, t, m, hidden, *, cpu_fused: str | None = None, **kw) -> torch.Tensor:
+        """Reconstructed (centred) magnitude per observation, (B, L). ``cpu_fused="fp32"`` or
+        ``"bf16"`` runs the encoder through the fused CPU passes instead (training on the CPU:
+        ``astromer_fast.model.fused_cpu``); other keywords go to ``encode``."""
+        if cpu_fused is not None:
+            from astromer_fast.model.fused_cpu import fused_cpu_encode
+
+            return self.head(fused_cpu_encode(self, t, m, hidden, cpu_fused))
         return self.head(self.encode(t, m, hidden, **kw).last)
 
     @torch.no_grad()

@@ -199,3 +199,159 @@ class FusedCpuEncoder:
                                    pooled.data_ptr() + slot * D * 4 if pool else 0,
                                    n_out * D, nt)
         return pooled if layers else pooled[:, 0]
+
+
+# -------------------------------------------------------------------------------------------------
+# Training: the same fused passes with dropout, each with its backward
+# -------------------------------------------------------------------------------------------------
+def _block_params(blk) -> list:
+    """The block's parameters in the order _FusedBlock takes them (None where Astromer 1 has no
+    skip projection)."""
+    a = blk.attn
+    leak1 = (blk.leak1.weight, blk.leak1.bias) if blk.leak1 is not None else (None, None)
+    leak2 = (blk.leak2.weight, blk.leak2.bias) if blk.leak2 is not None else (None, None)
+    return [a.wq.weight, a.wq.bias, a.wk.weight, a.wk.bias, a.wv.weight, a.wv.bias, *leak1,
+            a.wo.weight, a.wo.bias, blk.ffn1.weight, blk.ffn1.bias, *leak2, blk.ffn2.weight,
+            blk.ffn2.bias, blk.ln1.weight, blk.ln1.bias, blk.ln2.weight, blk.ln2.bias]
+
+
+class _FusedBlock(torch.autograd.Function):
+    """One encoder block on (B*L, D) activations of dtype ``dtype``; gradients for every parameter
+    (float32, like the parameters) and for the input. See the module docstring for the passes."""
+
+    @staticmethod
+    def forward(ctx, x, hidden, shape, cfg, dtype, keep, seeds, *params):
+        (wq, bq, wk, bk, wv, bv, wl1, bl1, wo, bo, w1, b1, wl2, bl2, w2, b2,
+         g1, be1, g2, be2) = params
+        ext, bf16, ptr = _ext.require_cpu_ext(), dtype == torch.bfloat16, _ext.ptr
+        B, L = shape
+        N, D, dff, H = B * L, cfg.d_model, cfg.dff, cfg.n_heads
+        leak = wl1 is not None
+        nt = max(1, torch.get_num_threads())
+        es = x.element_size()
+        f32 = torch.float32
+        w_in = torch.cat([wq, wk, wv] + ([wl1] if leak else [])).to(dtype)
+        b_qkv = torch.cat([bq, bk, bv]).to(f32)
+        y = torch.mm(x, w_in.t())
+        o = torch.empty(N, D, dtype=dtype)
+        lse = torch.empty(B, H, L, dtype=f32)
+        rule = _RULE_ID[cfg.mask_rule]
+        scale = 1.0 / math.sqrt(D // H)
+        ext.block_attention(y.data_ptr(), y.stride(0), b_qkv.data_ptr(), hidden.data_ptr(), B, L,
+                            H, D // H, rule, scale, False, bf16, o.data_ptr(), D, nt,
+                            lse=lse.data_ptr())
+        w_o = wo.to(dtype)
+        z = torch.mm(o, w_o.t())
+        a = torch.empty(N, D, dtype=dtype)
+        xhat1, xhat2 = torch.empty(N, D, dtype=f32), torch.empty(N, D, dtype=f32)
+        rstd1, rstd2 = torch.empty(N, dtype=f32), torch.empty(N, dtype=f32)
+        f32c = [t.to(f32).contiguous() if t is not None else None
+                for t in (bo, bl1, g1, be1, b1, b2, bl2, g2, be2)]
+        bo_, bl1_, g1_, be1_, b1_, b2_, bl2_, g2_, be2_ = f32c
+        ext.residual_layernorm(z.data_ptr(), D, bo_.data_ptr(),
+                               y.data_ptr() + 3 * D * es if leak else 0, y.stride(0), ptr(bl1_),
+                               g1_.data_ptr(), be1_.data_ptr(), cfg.ln_eps, N, D, bf16,
+                               a.data_ptr(), D, num_threads=nt, dropout_keep=keep,
+                               dropout_seed=seeds[0], xhat=xhat1.data_ptr(),
+                               rstd=rstd1.data_ptr())
+        w_1 = torch.cat([w1] + ([wl2] if leak else [])).to(dtype)
+        u = torch.mm(a, w_1.t())
+        ext.bias_tanh(u.data_ptr(), u.stride(0), b1_.data_ptr(), N, dff, bf16, u.data_ptr(),
+                      u.stride(0), nt)
+        w_2 = w2.to(dtype)
+        f = torch.mm(u[:, :dff], w_2.t())
+        out = torch.empty(N, D, dtype=dtype)
+        ext.residual_layernorm(f.data_ptr(), D, b2_.data_ptr(),
+                               u.data_ptr() + dff * es if leak else 0, u.stride(0), ptr(bl2_),
+                               g2_.data_ptr(), be2_.data_ptr(), cfg.ln_eps, N, D, bf16,
+                               out.data_ptr(), D, num_threads=nt, dropout_keep=keep,
+                               dropout_seed=seeds[1], xhat=xhat2.data_ptr(),
+                               rstd=rstd2.data_ptr())
+        ctx.save_for_backward(x, hidden, w_in, b_qkv, y, o, lse, w_o, a, w_1, u, w_2, xhat1,
+                              rstd1, xhat2, rstd2, g1_, g2_)
+        ctx.meta = (shape, cfg, dtype, keep, seeds, leak)
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        (x, hidden, w_in, b_qkv, y, o, lse, w_o, a, w_1, u, w_2, xhat1, rstd1, xhat2, rstd2,
+         g1, g2) = ctx.saved_tensors
+        (B, L), cfg, dtype, keep, seeds, leak = ctx.meta
+        ext, bf16 = _ext.require_cpu_ext(), dtype == torch.bfloat16
+        N, D, dff, H = B * L, cfg.d_model, cfg.dff, cfg.n_heads
+        nt = max(1, torch.get_num_threads())
+        f32 = torch.float32
+        d_out = d_out.to(dtype).contiguous()
+        blocks = -(-N // 64)
+        es = d_out.element_size()
+        # LN2: d_f (dropout applied) and the skip path's gradient into d_u's last columns.
+        d_f = torch.empty(N, D, dtype=dtype)
+        d_u = torch.empty(N, u.shape[1], dtype=dtype)
+        part2 = torch.empty(blocks, 4, D, dtype=f32)
+        ext.residual_layernorm_backward(d_out.data_ptr(), D, xhat2.data_ptr(), rstd2.data_ptr(),
+                                        g2.data_ptr(), N, D, bf16, keep, seeds[1],
+                                        d_f.data_ptr(), D,
+                                        d_u.data_ptr() + dff * es if leak else 0, d_u.stride(0),
+                                        part2.data_ptr(), nt)
+        dg2, dbe2, db2, dbl2 = part2.sum(0)
+        h = u[:, :dff]
+        d_h = torch.mm(d_f, w_2)
+        dw2 = torch.mm(d_f.t(), h)
+        part_t = torch.empty(blocks, dff, dtype=f32)
+        ext.tanh_backward(d_h.data_ptr(), dff, u.data_ptr(), u.stride(0), N, dff, bf16,
+                          d_u.data_ptr(), d_u.stride(0), part_t.data_ptr(), nt)
+        db1 = part_t.sum(0)
+        d_a = torch.mm(d_u, w_1)
+        dw_1 = torch.mm(d_u.t(), a)
+        # LN1: d_z (dropout applied) and the first skip path's gradient into d_y's last columns.
+        d_z = torch.empty(N, D, dtype=dtype)
+        d_y = torch.empty(N, y.shape[1], dtype=dtype)
+        part1 = torch.empty(blocks, 4, D, dtype=f32)
+        ext.residual_layernorm_backward(d_a.data_ptr(), D, xhat1.data_ptr(), rstd1.data_ptr(),
+                                        g1.data_ptr(), N, D, bf16, keep, seeds[0],
+                                        d_z.data_ptr(), D,
+                                        d_y.data_ptr() + 3 * D * es if leak else 0,
+                                        d_y.stride(0), part1.data_ptr(), nt)
+        dg1, dbe1, dbo, dbl1 = part1.sum(0)
+        d_o = torch.mm(d_z, w_o)
+        dwo = torch.mm(d_z.t(), o)
+        bias_part = torch.empty(B, 3 * D, dtype=f32)
+        ext.block_attention_backward(y.data_ptr(), y.stride(0), b_qkv.data_ptr(),
+                                     hidden.data_ptr(), B, L, H, D // H,
+                                     _RULE_ID[cfg.mask_rule], 1.0 / math.sqrt(D // H), bf16,
+                                     o.data_ptr(), D, lse.data_ptr(), d_o.data_ptr(), D,
+                                     d_y.data_ptr(), d_y.stride(0), bias_part.data_ptr(), nt)
+        db_qkv = bias_part.sum(0)
+        d_x = torch.mm(d_y, w_in)
+        dw_in = torch.mm(d_y.t(), x).to(f32)
+        dw_1 = dw_1.to(f32)
+        dwq, dwk, dwv = dw_in[:D], dw_in[D:2 * D], dw_in[2 * D:3 * D]
+        dbq, dbk, dbv = db_qkv[:D], db_qkv[D:2 * D], db_qkv[2 * D:]
+        grads = [dwq, dbq, dwk, dbk, dwv, dbv,
+                 dw_in[3 * D:] if leak else None, dbl1 if leak else None,
+                 dwo.to(f32), dbo, dw_1[:dff], db1,
+                 dw_1[dff:] if leak else None, dbl2 if leak else None,
+                 dw2.to(f32), db2, dg1, dbe1, dg2, dbe2]
+        return (d_x, None, None, None, None, None, None, *grads)
+
+
+def fused_cpu_encode(model, t, m, hidden, precision: str | None = None) -> torch.Tensor:
+    """The last block's output (B, L, D), float32, through the fused passes, differentiable in
+    every parameter of ``model.embedding`` and ``model.blocks``; dropout (``model.training``) as
+    the plain model's, from torch's random generator. For training on the CPU."""
+    from astromer_fast.model.astromer import _check_inputs
+
+    cfg = model.config
+    why = fused_cpu_unsupported(cfg)
+    if why is not None:
+        raise ValueError(f"the fused CPU encoder cannot run this model: {why}")
+    t, m, hidden = _check_inputs(t, m, hidden)
+    dtype = _DTYPES[resolve_precision(precision)]
+    B, L = t.shape
+    x = model.dropout(model.embedding(t, m, hidden)).to(dtype).reshape(B * L, cfg.d_model)
+    keep = 1.0 - cfg.dropout if model.training else 1.0
+    hidden_c = hidden.contiguous()
+    for blk in model.blocks:
+        seeds = torch.randint(0, 2**62, (2,)).tolist() if keep < 1.0 else [0, 0]
+        x = _FusedBlock.apply(x, hidden_c, (B, L), cfg, dtype, keep, seeds, *_block_params(blk))
+    return x.view(B, L, cfg.d_model).float()

@@ -43,9 +43,16 @@ def _add_common(p, defaults: TrainSettings):
     o.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
     o.add_argument("--schedule", choices=["cosine", "constant"], default=defaults.schedule)
     o.add_argument("--clip-norm", type=float, default=defaults.clip_norm)
+    o.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
+                   help="arithmetic of the model (default auto: bf16 on CUDA and on CPUs with "
+                   "native bfloat16, else fp32)")
     o.add_argument("--bf16", dest="bf16", action="store_true", default=None,
-                   help="bf16 autocast (default: on for CUDA)")
-    o.add_argument("--no-bf16", dest="bf16", action="store_false")
+                   help="same as --precision bf16")
+    o.add_argument("--no-bf16", dest="bf16", action="store_false",
+                   help="same as --precision fp32")
+    o.add_argument("--no-cpu-fused", dest="cpu_fused", action="store_false", default=True,
+                   help="on the CPU, train the plain model with the kernel backends instead of "
+                   "the fused encoder passes")
     o.add_argument("--backend", default=None, help="kernel backend: cuda, triton, cpu, torch "
                    "(default: fastest available)")
     o.add_argument("--seed", type=int, default=defaults.seed)
@@ -69,6 +76,12 @@ def _add_common(p, defaults: TrainSettings):
 
 
 def _settings(args) -> TrainSettings:
+    precision = getattr(args, "precision", None)
+    if precision not in (None, "auto"):
+        if args.bf16 is not None and args.bf16 != (precision == "bf16"):
+            flag = "--bf16" if args.bf16 else "--no-bf16"
+            raise ValueError(f"--precision {precision} contradicts {flag}")
+        args.bf16 = precision == "bf16"
     names = {f.name for f in fields(TrainSettings)}
     return TrainSettings(**{k: v for k, v in vars(args).items() if k in names})
 

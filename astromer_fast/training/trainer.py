@@ -73,9 +73,13 @@ class TrainSettings:
     probed_frac: float = 0.5
     same_frac: float = 0.2
     random_frac: float = 0.2
-    bf16: bool | None = None  # None: on when training on CUDA
+    # None: bf16 autocast on CUDA; on the CPU bf16 where it has native bfloat16 arithmetic.
+    bf16: bool | None = None
     backend: str | None = None  # kernel backend (None: fastest available)
     sdpa: bool = False  # attention through torch's SDPA instead of the masked_attention op
+    # On the CPU, the encoder through the fused passes (astromer_fast.model.fused_cpu) when the
+    # model's shape allows and neither backend nor sdpa asks for the plain model.
+    cpu_fused: bool = True
     length_group: int = 16  # batches sorted together by length within a shuffled span
     max_bad_steps: int = 20  # consecutive non-finite steps before giving up
 
@@ -158,16 +162,37 @@ def masked_batch(w, idx, fr: MaskFractions, generator, device, pin=False) -> dic
                 valid=b["valid"])
 
 
-def _forward_loss(model, b, s: TrainSettings, use_bf16: bool):
-    with torch.autocast(device_type=b["t"].device.type, dtype=torch.bfloat16, enabled=use_bf16):
-        pred = model(b["t"], b["m_in"], b["hidden"], backend=s.backend, use_sdpa=s.sdpa)
+def uses_cpu_fused(model, s: TrainSettings, device) -> bool:
+    """Whether training on ``device`` runs the fused CPU encoder (see TrainSettings.cpu_fused)."""
+    from astromer_fast.model.fused_cpu import fused_cpu_unsupported
+
+    return (torch.device(device).type == "cpu" and s.cpu_fused and s.backend in (None, "cpu")
+            and not s.sdpa and fused_cpu_unsupported(model.config) is None)
+
+
+def uses_bf16(s: TrainSettings, device) -> bool:
+    from astromer_fast.model.fused_cpu import resolve_precision
+
+    if s.bf16 is not None:
+        return bool(s.bf16)
+    return torch.device(device).type == "cuda" or resolve_precision() == "bf16"
+
+
+def _forward_loss(model, b, s: TrainSettings, use_bf16: bool, fused: bool = False):
+    if fused:  # the fused passes hold their own precision: no autocast around them
+        pred = model(b["t"], b["m_in"], b["hidden"], cpu_fused="bf16" if use_bf16 else "fp32")
+    else:
+        with torch.autocast(device_type=b["t"].device.type, dtype=torch.bfloat16,
+                            enabled=use_bf16):
+            pred = model(b["t"], b["m_in"], b["hidden"], backend=s.backend, use_sdpa=s.sdpa)
     pred = pred.float()
     loss = weighted_rmse(pred, b["target"], b["err"], b["probed"], b["valid"], backend=s.backend)
     return pred, loss
 
 
 @torch.no_grad()
-def evaluate(model, w, s: TrainSettings, device, use_bf16: bool, batch_size: int = 1024) -> dict:
+def evaluate(model, w, s: TrainSettings, device, use_bf16: bool, batch_size: int = 1024,
+             fused: bool = False) -> dict:
     """Validation loss (the weighted RMSE over all windows) and unweighted RMSE/R² pooled over
     the probed observations, on fixed windows with fixed masks (every evaluation sees the same
     task, so values are comparable across steps)."""
@@ -182,7 +207,7 @@ def evaluate(model, w, s: TrainSettings, device, use_bf16: bool, batch_size: int
     for start in range(0, n, batch_size):
         idx = np.arange(start, min(start + batch_size, n))
         b = masked_batch(w, idx, fr, g, device)
-        pred, loss = _forward_loss(model, b, s, use_bf16)
+        pred, loss = _forward_loss(model, b, s, use_bf16, fused)
         has = int((b["probed"].sum(-1) > 0).sum())
         sq += (loss.double() ** 2 - _LOSS_EPS) * has
         nh += has
@@ -398,7 +423,8 @@ def train(model, train_curves: TrainingCurves, val_curves: TrainingCurves | None
 
     torch.manual_seed(s.seed)
     model = model.to(dev).train()
-    use_bf16 = (dev.type == "cuda") if s.bf16 is None else bool(s.bf16)
+    use_bf16 = uses_bf16(s, dev)
+    fused = uses_cpu_fused(model, s, dev)
     fr = s.fractions()
     n_train = len(train_curves)
     steps_per_epoch = math.ceil(n_train / s.batch_size)
@@ -473,7 +499,7 @@ def train(model, train_curves: TrainingCurves, val_curves: TrainingCurves | None
                    seconds=round(now - t_start, 2), lr=sched.get_last_lr()[0],
                    train_loss=train_loss, windows_per_s=round(rate, 1))
         if val_w is not None:  # every rank, so that every rank takes the same stop decision
-            met = evaluate(model, val_w, s, dev, use_bf16)
+            met = evaluate(model, val_w, s, dev, use_bf16, fused=fused)
             row.update(val_loss=met["loss"], val_rmse=met["rmse"], val_r2=met["r2"])
         state["history"].append(row)
         log(json.dumps(row))
@@ -510,7 +536,7 @@ def train(model, train_curves: TrainingCurves, val_curves: TrainingCurves | None
                 b = masked_batch(w, idx, fr, g, dev, pin)
                 if world > 1:
                     b = {k: (v[rank::world] if v is not None else None) for k, v in b.items()}
-                _, loss = _forward_loss(ddp_model, b, s, use_bf16)
+                _, loss = _forward_loss(ddp_model, b, s, use_bf16, fused)
                 if world > 1:
                     loss_for_grad, loss_value = _global_loss(loss, b["probed"], world, dev)
                 else:

@@ -58,6 +58,15 @@ AF_INLINE void store16(bf16* p, vf v) {
 
 AF_INLINE vf bias16(const float* b, std::int64_t c) { return b ? loadv(b + c) : vf{}; }
 
+// A value rounded as it would be stored beside p: projections plus their biases enter the
+// attention's dot products at the storage precision, on every ISA level.
+AF_INLINE vf round_like(vf v, const float*) { return v; }
+AF_INLINE vf round_like(vf v, const bf16*) {
+  alignas(32) bf16 tmp[W];
+  store16(tmp, v);
+  return load16(tmp);
+}
+
 // tanh: an odd polynomial below 0.625 (where 1 - 2/(e^2x + 1) would cancel), that formula above;
 // |x| is clamped at 9, where tanh is 1 in float32. Within 2 ulp of libm on float32.
 AF_INLINE vf vtanh(vf x) {
@@ -77,6 +86,50 @@ AF_INLINE vf vtanh(vf x) {
   return x != x ? x : r;
 }
 
+// Dropout masks from a counter-based hash (murmur3's finaliser) of (seed, row, column): the
+// backward regenerates them, so no mask is stored.
+AF_INLINE std::uint32_t fmix32(std::uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85ebca6bu;
+  h ^= h >> 13;
+  h *= 0xc2b2ae35u;
+  h ^= h >> 16;
+  return h;
+}
+AF_INLINE vu fmix32(vu h) {
+  h ^= h >> 16;
+  h *= 0x85ebca6bu;
+  h ^= h >> 13;
+  h *= 0xc2b2ae35u;
+  h ^= h >> 16;
+  return h;
+}
+AF_INLINE std::uint32_t row_key(std::uint64_t seed, std::int64_t r) {
+  const std::uint32_t lo = static_cast<std::uint32_t>(seed), hi = static_cast<std::uint32_t>(seed >> 32);
+  return fmix32(lo ^ fmix32(hi + static_cast<std::uint32_t>(r) * 0x9e3779b9u +
+                            static_cast<std::uint32_t>(static_cast<std::uint64_t>(r) >> 32)));
+}
+
+struct DropoutMask {
+  bool on = false;
+  std::uint32_t threshold = 0;  // keep where hash < threshold
+  float inv_keep = 1.0f;
+  std::uint64_t seed = 0;
+  DropoutMask(float keep, std::uint64_t s) : seed(s) {
+    on = keep < 1.0f;
+    if (on) {
+      threshold = static_cast<std::uint32_t>(static_cast<double>(keep) * 4294967296.0);
+      inv_keep = 1.0f / keep;
+    }
+  }
+  // 1/keep where columns c .. c+15 of the row with key rk are kept, else 0.
+  AF_INLINE vf scale(std::uint32_t rk, std::int64_t c) const {
+    const vu iota = {0u, 1u, 2u, 3u, 4u, 5u, 6u, 7u, 8u, 9u, 10u, 11u, 12u, 13u, 14u, 15u};
+    const vu h = fmix32((iota + static_cast<std::uint32_t>(c) + 1u) * 0x9e3779b9u ^ rk);
+    return h < threshold ? splat(inv_keep) : splat(0.0f);
+  }
+};
+
 // ---------------------------------------------------------------------------------------------
 // Residual + LayerNorm (+ window means)
 // ---------------------------------------------------------------------------------------------
@@ -89,10 +142,13 @@ AF_INLINE void layernorm_rows(const ResidualLayerNormArgs& a, std::int64_t r0, s
   const std::int64_t D = a.dim;
   std::int64_t n_valid = 0;
   if (pool) std::memset(pool, 0, static_cast<std::size_t>(D) * sizeof(float));
+  const DropoutMask drop(a.dropout_keep, a.dropout_seed);
   for (std::int64_t r = r0; r < r1; ++r) {
+    const std::uint32_t rk = drop.on ? row_key(drop.seed, r) : 0u;
     vf sum = {};
     for (std::int64_t c = 0; c < D; c += W) {
       vf v = load16(x + r * a.ld_x + c) + bias16(a.bias_x, c);
+      if (drop.on) v *= drop.scale(rk, c);
       if (res) v += load16(res + r * a.ld_res + c) + bias16(a.bias_res, c);
       storev(tmp + c, v);
       sum += v;
@@ -106,9 +162,12 @@ AF_INLINE void layernorm_rows(const ResidualLayerNormArgs& a, std::int64_t r0, s
     const float rstd = 1.0f / std::sqrt(hsum(sq) / static_cast<float>(D) + a.eps);
     const bool pooled = pool && a.valid[r] != 0;
     n_valid += pooled;
+    if (a.rstd) a.rstd[r] = rstd;
     for (std::int64_t c = 0; c < D; c += W) {
-      const vf y = (loadv(tmp + c) - mean) * rstd * loadv(a.gamma + c) + loadv(a.beta + c);
+      const vf xh = (loadv(tmp + c) - mean) * rstd;
+      const vf y = xh * loadv(a.gamma + c) + loadv(a.beta + c);
       store16(out + r * a.ld_out + c, y);
+      if (a.xhat) storev(a.xhat + r * D + c, xh);
       if (pooled) storev(pool + c, loadv(pool + c) + y);
     }
   }
@@ -126,6 +185,61 @@ AF_INLINE void tanh_rows(const BiasTanhArgs& a, std::int64_t r0, std::int64_t r1
   for (std::int64_t r = r0; r < r1; ++r)
     for (std::int64_t c = 0; c < a.cols; c += W)
       store16(out + r * a.ld_out + c, vtanh(load16(x + r * a.ld_x + c) + bias16(a.bias, c)));
+}
+
+// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * gamma, for rows [r0, r1) (one block
+// of kSumRows); the block's column sums go to part[0..4*dim).
+template <class T>
+AF_INLINE void layernorm_backward_rows(const ResidualLayerNormBackwardArgs& a, std::int64_t r0,
+                                       std::int64_t r1, float* g, float* part) {
+  const T* dy = static_cast<const T*>(a.dy);
+  T* d_x = static_cast<T*>(a.d_x);
+  T* d_res = static_cast<T*>(a.d_res);
+  const std::int64_t D = a.dim;
+  const DropoutMask drop(a.dropout_keep, a.dropout_seed);
+  std::memset(part, 0, static_cast<std::size_t>(4 * D) * sizeof(float));
+  float *dgamma = part, *dbeta = part + D, *dbx = part + 2 * D, *dbr = part + 3 * D;
+  for (std::int64_t r = r0; r < r1; ++r) {
+    const float* xh = a.xhat + r * D;
+    vf sg = {}, sgx = {};
+    for (std::int64_t c = 0; c < D; c += W) {
+      const vf d = load16(dy + r * a.ld_dy + c);
+      const vf x = loadv(xh + c);
+      const vf gv = d * loadv(a.gamma + c);
+      storev(g + c, gv);
+      sg += gv;
+      sgx += gv * x;
+      storev(dgamma + c, loadv(dgamma + c) + d * x);
+      storev(dbeta + c, loadv(dbeta + c) + d);
+    }
+    const float mg = hsum(sg) / static_cast<float>(D), mgx = hsum(sgx) / static_cast<float>(D);
+    const float rs = a.rstd[r];
+    const std::uint32_t rk = drop.on ? row_key(drop.seed, r) : 0u;
+    for (std::int64_t c = 0; c < D; c += W) {
+      const vf dp = (loadv(g + c) - mg - loadv(xh + c) * mgx) * rs;
+      const vf dxv = drop.on ? dp * drop.scale(rk, c) : dp;
+      store16(d_x + r * a.ld_dx + c, dxv);
+      storev(dbx + c, loadv(dbx + c) + dxv);
+      if (d_res) store16(d_res + r * a.ld_dres + c, dp);
+      storev(dbr + c, loadv(dbr + c) + dp);
+    }
+  }
+}
+
+template <class T>
+AF_INLINE void tanh_backward_rows(const TanhBackwardArgs& a, std::int64_t r0, std::int64_t r1,
+                                  float* part) {
+  const T* dy = static_cast<const T*>(a.dy);
+  const T* y = static_cast<const T*>(a.y);
+  T* dx = static_cast<T*>(a.dx);
+  std::memset(part, 0, static_cast<std::size_t>(a.cols) * sizeof(float));
+  for (std::int64_t r = r0; r < r1; ++r)
+    for (std::int64_t c = 0; c < a.cols; c += W) {
+      const vf yv = load16(y + r * a.ld_y + c);
+      const vf d = load16(dy + r * a.ld_dy + c) * (1.0f - yv * yv);
+      store16(dx + r * a.ld_dx + c, d);
+      storev(part + c, loadv(part + c) + d);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -199,9 +313,9 @@ AF_INLINE void attention_task_generic(const BlockAttentionArgs& a, std::int64_t 
       const T* kr = kcol + sc.ks.pos[j] * ld;
       const T* vr = vcol + sc.ks.pos[j] * ld;
       for (std::int64_t d = 0; d < hd; d += W) {
-        const vf kx = load16(kr + d) + bias16(bk, d);
+        const vf kx = round_like(load16(kr + d) + bias16(bk, d), kr);
         for (std::int64_t l = 0; l < W; ++l) kt[(d + l) * np + j] = kx[l];
-        storev(vb + j * hd + d, load16(vr + d) + bias16(bv, d));
+        storev(vb + j * hd + d, round_like(load16(vr + d) + bias16(bv, d), vr));
       }
     }
     for (std::int64_t d = 0; d < hd; ++d)
@@ -217,7 +331,8 @@ AF_INLINE void attention_task_generic(const BlockAttentionArgs& a, std::int64_t 
   float* rinv = sc.rinv.data();
   for (std::int64_t r = 0; r < nrp; ++r)
     for (std::int64_t d = 0; d < hd; d += W)
-      storev(qb + r * hd + d, r < nr ? load16(qcol + sc.qpos[r] * ld + d) + bias16(bq, d) : vf{});
+      storev(qb + r * hd + d,
+             r < nr ? round_like(load16(qcol + sc.qpos[r] * ld + d) + bias16(bq, d), qcol) : vf{});
   for (std::int64_t r0 = 0; r0 < nrp; r0 += RB)
     abt_rows4(qb + r0 * hd, hd, kt, np, hd, np, sb + r0 * np, np);
   for (std::int64_t r = 0; r < nrp; ++r) {
@@ -235,7 +350,9 @@ AF_INLINE void attention_task_generic(const BlockAttentionArgs& a, std::int64_t 
       storev(s + j, p);
       acc += p;
     }
-    rinv[r] = 1.0f / hsum(acc);
+    const float l = hsum(acc);  // >= 1: the maximum contributes exp(0)
+    rinv[r] = 1.0f / l;
+    if (a.lse) a.lse[bh * L + sc.qpos[r]] = mx + std::log(l);
   }
   for (std::int64_t r0 = 0; r0 < nrp; r0 += RB)
     ab_rows4_all(sb + r0 * np, np, vb, hd, hd, ks.n, ob + r0 * hd, rinv + r0);
@@ -243,6 +360,130 @@ AF_INLINE void attention_task_generic(const BlockAttentionArgs& a, std::int64_t 
   for (std::int64_t r = 0; r < nr; ++r)
     for (std::int64_t d = 0; d < hd; d += W)
       store16(out + (b * L + sc.qpos[r]) * a.ld_out + h * hd + d, loadv(ob + r * hd + d));
+}
+
+struct AttnBackwardScratch {
+  std::vector<float> kt, vt, kb, qb, dob, P, dS, T, ob, b1, b2, b1q, dv, sums;
+  std::vector<std::int64_t> pos;
+  std::vector<std::uint8_t> hidden;
+};
+
+// dq, dk, dv of one (b, h), as cpu/masked_attention.cpp's backward (P = exp(s' - lse) over the
+// kept keys, dS = P (dO V^T - D) scale), on the fused layout; D_i = sum_j P_ij (dO V^T)_ij.
+template <class T>
+AF_INLINE void attention_backward_task_generic(const BlockAttentionBackwardArgs& g,
+                                               std::int64_t bh, AttnBackwardScratch& sc) {
+  const BlockAttentionArgs& a = g.fwd;
+  const std::int64_t L = a.length, hd = a.head_dim, D = a.heads * hd, ld = a.ld_qkv;
+  const std::int64_t Lp = round_up(L, KB);
+  const std::int64_t b = bh / a.heads, h = bh % a.heads;
+  const T* qcol = head_col<T>(a, b, h * hd);
+  const T* kcol = head_col<T>(a, b, D + h * hd);
+  const T* vcol = head_col<T>(a, b, 2 * D + h * hd);
+  const float* bq = a.bias ? a.bias + h * hd : nullptr;
+  const float* bk = a.bias ? a.bias + D + h * hd : nullptr;
+  const float* bv = a.bias ? a.bias + 2 * D + h * hd : nullptr;
+  const T* dout = static_cast<const T*>(g.dout) + b * L * g.ld_dout + h * hd;
+  T* dq = static_cast<T*>(g.dqkv) + b * L * g.ld_dqkv + h * hd;
+  T* dk = dq + D;
+  T* dvo = dq + 2 * D;
+  const float* lse = a.lse + bh * L;
+  const std::uint8_t* hid = a.hidden + b * L;
+  float *kt = sc.kt.data(), *vt = sc.vt.data(), *kb = sc.kb.data(), *qb = sc.qb.data();
+  float *dob = sc.dob.data(), *P = sc.P.data(), *dS = sc.dS.data(), *Tb = sc.T.data();
+  float *ob = sc.ob.data(), *Dv = sc.dv.data();
+
+  const KeySet ks = key_set(hid, L, a.rule, sc.pos.data(), sc.hidden.data());
+  const std::int64_t np = round_up(ks.n, KB);
+  float *b1 = sc.b1.data(), *b2 = sc.b2.data(), *b1q = sc.b1q.data();
+  key_terms(ks.hidden, ks.n, np, a.rule, b1, b2, b1q);
+  for (std::int64_t j = 0; j < np; ++j) {
+    for (std::int64_t d = 0; d < hd; d += W) {
+      vf kx = {}, vx = {};
+      if (j < ks.n) {
+        const T* kr = kcol + ks.pos[j] * ld;
+        const T* vr = vcol + ks.pos[j] * ld;
+        kx = round_like(load16(kr + d) + bias16(bk, d), kr);
+        vx = round_like(load16(vr + d) + bias16(bv, d), vr);
+      }
+      storev(kb + j * hd + d, kx);
+      for (std::int64_t l = 0; l < W; ++l) {
+        kt[(d + l) * np + j] = kx[l];
+        vt[(d + l) * np + j] = vx[l];
+      }
+    }
+  }
+  for (std::int64_t i = 0; i < Lp; ++i) {
+    for (std::int64_t d = 0; d < hd; d += W) {
+      vf qx = {}, dx = {};
+      if (i < L) {
+        qx = round_like(load16(qcol + i * ld + d) + bias16(bq, d), qcol);
+        dx = load16(dout + i * g.ld_dout + d);
+      }
+      storev(qb + i * hd + d, qx);
+      storev(dob + i * hd + d, dx);
+    }
+  }
+  for (std::int64_t r0 = 0; r0 < Lp; r0 += RB) {
+    abt_rows4(qb + r0 * hd, hd, kt, np, hd, np, P + r0 * np, np);
+    abt_rows4(dob + r0 * hd, hd, vt, np, hd, np, dS + r0 * np, np);
+  }
+  for (std::int64_t i = 0; i < Lp; ++i) {
+    float* p = P + i * np;
+    float* ds = dS + i * np;
+    if (i >= L) {
+      std::memset(p, 0, static_cast<std::size_t>(np) * sizeof(float));
+      std::memset(ds, 0, static_cast<std::size_t>(np) * sizeof(float));
+      continue;
+    }
+    const bool qh = a.rule == kRuleQueryOrKeyPlus1 && hid[i] != 0;
+    const float* bb1 = qh ? b1q : b1;
+    const float li = lse[i];
+    // D_i = sum_j P_ij dP_ij from the recomputed P and dP themselves, not dO_i . O_i: with O
+    // rounded to bfloat16 the latter is off by ~2^-9, and dP - D cancels where P is peaked.
+    vf dd = {};
+    for (std::int64_t j = 0; j < np; j += W) {
+      const vf x = (loadv(p + j) * a.scale + loadv(bb1 + j)) + loadv(b2 + j);
+      const vf pj = vexp(x - li);
+      storev(p + j, pj);
+      dd += pj * loadv(ds + j);
+    }
+    const float di = hsum(dd);
+    Dv[i] = di;
+    for (std::int64_t j = 0; j < np; j += W)
+      storev(ds + j, loadv(p + j) * (loadv(ds + j) - di) * a.scale);
+  }
+  float* sums = sc.sums.data();  // this (b, h)'s column sums of dq, dk, dv
+  std::memset(sums, 0, static_cast<std::size_t>(3 * hd) * sizeof(float));
+  // dq = dS K over the kept keys
+  for (std::int64_t r0 = 0; r0 < Lp; r0 += RB)
+    ab_rows4_all(dS + r0 * np, np, kb, hd, hd, ks.n, ob + r0 * hd, nullptr);
+  for (std::int64_t i = 0; i < L; ++i)
+    for (std::int64_t d = 0; d < hd; d += W) {
+      const vf x = loadv(ob + i * hd + d);
+      store16(dq + i * g.ld_dqkv + d, x);
+      storev(sums + d, loadv(sums + d) + x);
+    }
+  // dv = P^T dO and dk = dS^T Q for the kept keys; the others' are zero.
+  for (int which = 0; which < 2; ++which) {
+    transpose(which == 0 ? P : dS, Tb, Lp, np);
+    for (std::int64_t r0 = 0; r0 < np; r0 += RB)
+      ab_rows4_all(Tb + r0 * Lp, Lp, which == 0 ? dob : qb, hd, hd, L, ob + r0 * hd, nullptr);
+    T* dst = which == 0 ? dvo : dk;
+    float* s = sums + (which == 0 ? 2 : 1) * hd;
+    for (std::int64_t i = 0; i < L; ++i)
+      if (!ks.all) std::memset(dst + i * g.ld_dqkv, 0, static_cast<std::size_t>(hd) * sizeof(T));
+    for (std::int64_t j = 0; j < ks.n; ++j)
+      for (std::int64_t d = 0; d < hd; d += W) {
+        const vf x = loadv(ob + j * hd + d);
+        store16(dst + ks.pos[j] * g.ld_dqkv + d, x);
+        storev(s + d, loadv(s + d) + x);
+      }
+  }
+  if (g.bias_partials)
+    for (int part = 0; part < 3; ++part)
+      std::memcpy(g.bias_partials + b * 3 * D + part * D + h * hd, sums + part * hd,
+                  static_cast<std::size_t>(hd) * sizeof(float));
 }
 
 #if AF_X86_LEVELS
@@ -366,7 +607,9 @@ void attention_task_avx512_bf16(const BlockAttentionArgs& a, std::int64_t bh, st
       std::memcpy(&f1, &p1, sizeof(f1));
       _mm512_storeu_si512(reinterpret_cast<__m512i*>(pr + j / 2), pack_pairs(f0, f1));
     }
-    rinv[r] = 1.0f / hsum(acc);
+    const float l = hsum(acc);
+    rinv[r] = 1.0f / l;
+    if (a.lse) a.lse[bh * L + sc.qpos[r]] = mx + std::log(l);
   }
   // Outputs of 4 queries x 64 channels per register block, over the kept key pairs.
   bf16* out = static_cast<bf16*>(a.out);
@@ -404,11 +647,19 @@ using LayerNormFn = void (*)(const ResidualLayerNormArgs&, std::int64_t, std::in
 using TanhFn = void (*)(const BiasTanhArgs&, std::int64_t, std::int64_t);
 using AttentionFn = void (*)(const BlockAttentionArgs&, std::int64_t, std::int64_t, std::int64_t,
                              AttnScratch&);
+using LayerNormBackwardFn = void (*)(const ResidualLayerNormBackwardArgs&, std::int64_t,
+                                     std::int64_t, float*, float*);
+using TanhBackwardFn = void (*)(const TanhBackwardArgs&, std::int64_t, std::int64_t, float*);
+using AttentionBackwardFn = void (*)(const BlockAttentionBackwardArgs&, std::int64_t,
+                                     AttnBackwardScratch&);
 
-struct Kernels {
+struct Kernels {  // [0]: float32 storage, [1]: bfloat16
   LayerNormFn layernorm[2];
   TanhFn tanh[2];
   AttentionFn attention[2];
+  LayerNormBackwardFn layernorm_backward[2];
+  TanhBackwardFn tanh_backward[2];
+  AttentionBackwardFn attention_backward[2];
 };
 
 #define AF_LEVEL_KERNELS(SUFFIX, TARGET)                                                          \
@@ -426,18 +677,41 @@ struct Kernels {
                                  std::int64_t q1, AttnScratch& sc) {                             \
     attention_task_generic<T>(a, bh, q0, q1, sc);                                                 \
   }                                                                                               \
-  const Kernels kernels_##SUFFIX = {{layernorm_##SUFFIX<float>, layernorm_##SUFFIX<bf16>},        \
-                                    {tanh_##SUFFIX<float>, tanh_##SUFFIX<bf16>},                  \
-                                    {attention_##SUFFIX<float>, attention_##SUFFIX<bf16>}};
+  template <class T>                                                                              \
+  TARGET void layernorm_backward_##SUFFIX(const ResidualLayerNormBackwardArgs& a, std::int64_t r0, \
+                                          std::int64_t r1, float* g, float* part) {              \
+    layernorm_backward_rows<T>(a, r0, r1, g, part);                                               \
+  }                                                                                               \
+  template <class T>                                                                              \
+  TARGET void tanh_backward_##SUFFIX(const TanhBackwardArgs& a, std::int64_t r0, std::int64_t r1, \
+                                     float* part) {                                               \
+    tanh_backward_rows<T>(a, r0, r1, part);                                                       \
+  }                                                                                               \
+  template <class T>                                                                              \
+  TARGET void attention_backward_##SUFFIX(const BlockAttentionBackwardArgs& g, std::int64_t bh,   \
+                                          AttnBackwardScratch& sc) {                              \
+    attention_backward_task_generic<T>(g, bh, sc);                                                \
+  }                                                                                               \
+  const Kernels kernels_##SUFFIX = {                                                              \
+      {layernorm_##SUFFIX<float>, layernorm_##SUFFIX<bf16>},                                      \
+      {tanh_##SUFFIX<float>, tanh_##SUFFIX<bf16>},                                                \
+      {attention_##SUFFIX<float>, attention_##SUFFIX<bf16>},                                      \
+      {layernorm_backward_##SUFFIX<float>, layernorm_backward_##SUFFIX<bf16>},                    \
+      {tanh_backward_##SUFFIX<float>, tanh_backward_##SUFFIX<bf16>},                              \
+      {attention_backward_##SUFFIX<float>, attention_backward_##SUFFIX<bf16>}};
 
 AF_LEVEL_KERNELS(baseline, )
 #if AF_X86_LEVELS
 AF_LEVEL_KERNELS(avx2, AF_TARGET_V3)
 AF_LEVEL_KERNELS(avx512, AF_TARGET_V4)
+// AVX-512 BF16 adds the bfloat16 dot-product attention forward; the rest is the AVX-512 code.
 const Kernels kernels_avx512_bf16 = {
     {layernorm_avx512<float>, layernorm_avx512<bf16>},
     {tanh_avx512<float>, tanh_avx512<bf16>},
-    {attention_avx512<float>, attention_task_avx512_bf16}};
+    {attention_avx512<float>, attention_task_avx512_bf16},
+    {layernorm_backward_avx512<float>, layernorm_backward_avx512<bf16>},
+    {tanh_backward_avx512<float>, tanh_backward_avx512<bf16>},
+    {attention_backward_avx512<float>, attention_backward_avx512<bf16>}};
 #endif
 
 const Kernels& kernels_for(Isa isa) {
@@ -464,6 +738,19 @@ void require(bool ok, const char* what, const std::string& why) {
   if (!ok) throw std::invalid_argument(std::string(what) + ": " + why);
 }
 
+void check_attention_args(const BlockAttentionArgs& a, const char* what) {
+  require(a.batch >= 0 && a.length >= 0 && a.heads > 0, what, "bad batch, length or heads");
+  require(a.head_dim > 0 && a.head_dim % W == 0 && a.head_dim <= 256, what,
+          "head_dim must be a multiple of 16 and <= 256, got " + std::to_string(a.head_dim));
+  require(a.rule == kRuleKey || a.rule == kRuleQueryOrKeyPlus1, what,
+          "unknown mask rule " + std::to_string(a.rule));
+  require(std::isfinite(a.scale), what, "scale must be finite");
+  const std::int64_t D = a.heads * a.head_dim;
+  require(a.ld_qkv >= 3 * D && a.ld_out >= D, what, "leading dimensions too small");
+  if (a.batch * a.heads * a.length > 0)
+    require(a.qkv && a.hidden && a.out, what, "qkv, hidden and out must not be null");
+}
+
 }  // namespace
 
 void residual_layernorm(const ResidualLayerNormArgs& a, int num_threads) {
@@ -475,6 +762,7 @@ void residual_layernorm(const ResidualLayerNormArgs& a, int num_threads) {
           "leading dimensions must be >= dim");
   require(a.x && a.out && a.gamma && a.beta, what, "x, out, gamma and beta must not be null");
   require(std::isfinite(a.eps) && a.eps >= 0.0f, what, "eps must be finite and >= 0");
+  require(a.dropout_keep > 0.0f && a.dropout_keep <= 1.0f, what, "dropout_keep must be in (0, 1]");
   if (a.pooled) {
     require(a.valid != nullptr && a.window_rows > 0 && a.rows % a.window_rows == 0, what,
             "pooling needs valid and rows a multiple of window_rows");
@@ -512,17 +800,9 @@ void bias_tanh(const BiasTanhArgs& a, int num_threads) {
 void block_attention(const BlockAttentionArgs& a, int num_threads) {
   const char* what = "block_attention";
   const int s = storage_index(a.storage, what);
-  require(a.batch >= 0 && a.length >= 0 && a.heads > 0, what, "bad batch, length or heads");
-  require(a.head_dim > 0 && a.head_dim % W == 0 && a.head_dim <= 256, what,
-          "head_dim must be a multiple of 16 and <= 256, got " + std::to_string(a.head_dim));
-  require(a.rule == kRuleKey || a.rule == kRuleQueryOrKeyPlus1, what,
-          "unknown mask rule " + std::to_string(a.rule));
-  require(std::isfinite(a.scale), what, "scale must be finite");
-  const std::int64_t D = a.heads * a.head_dim;
-  require(a.ld_qkv >= 3 * D && a.ld_out >= D, what, "leading dimensions too small");
+  check_attention_args(a, what);
   const std::int64_t BH = a.batch * a.heads, L = a.length;
   if (BH == 0 || L == 0) return;
-  require(a.qkv && a.hidden && a.out, what, "qkv, hidden and out must not be null");
   const Isa isa = active_isa();
   // The bfloat16 dot products take channels in pairs of 16-lane vectors: head_dim % 32.
   const AttentionFn fn =
@@ -553,6 +833,81 @@ void block_attention(const BlockAttentionArgs& a, int num_threads) {
       fn(a, bh, qb * QB, std::min(L, (qb + 1) * QB), sc);
     }
   });
+}
+
+void residual_layernorm_backward(const ResidualLayerNormBackwardArgs& a, int num_threads) {
+  const char* what = "residual_layernorm_backward";
+  const int s = storage_index(a.storage, what);
+  require(a.rows >= 0 && a.dim > 0 && a.dim % W == 0, what,
+          "dim must be a positive multiple of 16, got " + std::to_string(a.dim));
+  require(a.ld_dy >= a.dim && a.ld_dx >= a.dim && (!a.d_res || a.ld_dres >= a.dim), what,
+          "leading dimensions must be >= dim");
+  require(a.dy && a.xhat && a.rstd && a.gamma && a.d_x && a.partials, what,
+          "dy, xhat, rstd, gamma, d_x and partials must not be null");
+  if (a.rows == 0) return;
+  const LayerNormBackwardFn fn = kernels_for(active_isa()).layernorm_backward[s];
+  const std::int64_t D = a.dim, blocks = (a.rows + kSumRows - 1) / kSumRows;
+  parallel_for(blocks, 1, num_threads, [&](std::int64_t k0, std::int64_t k1) {
+    std::vector<float> g(static_cast<std::size_t>(D));
+    for (std::int64_t k = k0; k < k1; ++k)
+      fn(a, k * kSumRows, std::min(a.rows, (k + 1) * kSumRows), g.data(), a.partials + k * 4 * D);
+  });
+}
+
+void tanh_backward(const TanhBackwardArgs& a, int num_threads) {
+  const char* what = "tanh_backward";
+  const int s = storage_index(a.storage, what);
+  require(a.rows >= 0 && a.cols > 0 && a.cols % W == 0, what,
+          "cols must be a positive multiple of 16, got " + std::to_string(a.cols));
+  require(a.ld_dy >= a.cols && a.ld_y >= a.cols && a.ld_dx >= a.cols, what,
+          "leading dimensions must be >= cols");
+  require(a.dy && a.y && a.dx && a.partials, what, "dy, y, dx and partials must not be null");
+  if (a.rows == 0) return;
+  const TanhBackwardFn fn = kernels_for(active_isa()).tanh_backward[s];
+  const std::int64_t blocks = (a.rows + kSumRows - 1) / kSumRows;
+  parallel_for(blocks, 1, num_threads, [&](std::int64_t k0, std::int64_t k1) {
+    for (std::int64_t k = k0; k < k1; ++k)
+      fn(a, k * kSumRows, std::min(a.rows, (k + 1) * kSumRows), a.partials + k * a.cols);
+  });
+}
+
+void block_attention_backward(const BlockAttentionBackwardArgs& g, int num_threads) {
+  const char* what = "block_attention_backward";
+  const BlockAttentionArgs& a = g.fwd;
+  const int s = storage_index(a.storage, what);
+  check_attention_args(a, what);
+  const std::int64_t D = a.heads * a.head_dim;
+  require(g.ld_dout >= D && g.ld_dqkv >= 3 * D, what, "leading dimensions too small");
+  const std::int64_t BH = a.batch * a.heads, L = a.length;
+  if (BH == 0 || L == 0) return;
+  require(a.out && a.lse && g.dout && g.dqkv, what, "out, lse, dout and dqkv must not be null");
+  const AttentionBackwardFn fn = kernels_for(active_isa()).attention_backward[s];
+  const std::int64_t hd = a.head_dim, Lp = round_up(L, KB);
+  parallel_for(BH, 1, num_threads, [&](std::int64_t t0, std::int64_t t1) {
+    AttnBackwardScratch sc;
+    sc.pos.resize(static_cast<std::size_t>(L));
+    sc.hidden.resize(static_cast<std::size_t>(L));
+    for (auto* v : {&sc.kt, &sc.vt}) ensure(*v, hd * Lp);
+    for (auto* v : {&sc.kb, &sc.qb, &sc.dob, &sc.ob}) ensure(*v, Lp * hd);
+    for (auto* v : {&sc.P, &sc.dS, &sc.T}) ensure(*v, Lp * Lp);
+    for (auto* v : {&sc.b1, &sc.b2, &sc.b1q, &sc.dv}) ensure(*v, Lp);
+    ensure(sc.sums, 3 * hd);
+    for (std::int64_t t = t0; t < t1; ++t) fn(g, t, sc);
+  });
+}
+
+void dropout_keep_mask(std::uint64_t seed, float keep, std::int64_t rows, std::int64_t cols,
+                       std::uint8_t* out) {
+  require(cols % W == 0 && rows >= 0, "dropout_keep_mask", "cols must be a multiple of 16");
+  require(keep > 0.0f && keep <= 1.0f, "dropout_keep_mask", "keep must be in (0, 1]");
+  const DropoutMask drop(keep, seed);
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const std::uint32_t rk = drop.on ? row_key(seed, r) : 0u;
+    for (std::int64_t c = 0; c < cols; c += W) {
+      const vf m = drop.on ? drop.scale(rk, c) : splat(1.0f);
+      for (std::int64_t l = 0; l < W; ++l) out[r * cols + c + l] = m[l] != 0.0f;
+    }
+  }
 }
 
 }  // namespace cpu

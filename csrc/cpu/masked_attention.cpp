@@ -139,16 +139,6 @@ void forward_task(const MaskedAttentionArgs& a, std::int64_t bh, std::int64_t q0
   std::memcpy(a.out + (bh * L + q0) * hd, ob, static_cast<std::size_t>(nr * hd) * sizeof(float));
 }
 
-// dst (cols x rows) = src (rows x cols) transposed; both multiples of 16, and 16x16 tiles keep
-// both sides in cache lines.
-void transpose(const float* __restrict__ src, float* __restrict__ dst, std::int64_t rows,
-               std::int64_t cols) {
-  for (std::int64_t i0 = 0; i0 < rows; i0 += W)
-    for (std::int64_t j0 = 0; j0 < cols; j0 += W)
-      for (std::int64_t i = i0; i < i0 + W; ++i)
-        for (std::int64_t j = j0; j < j0 + W; ++j) dst[j * rows + i] = src[i * cols + j];
-}
-
 // dq, dk, dv of one (b, h).
 ASTROMER_FAST_CLONES_V4
 void backward_task(const MaskedAttentionBackwardArgs& g, std::int64_t bh, Scratch& sc) {

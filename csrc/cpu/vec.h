@@ -139,6 +139,16 @@ AF_INLINE void ab_rows4_all(const float* A, std::int64_t lda, const float* B, st
   }
 }
 
+// dst (cols x rows) = src (rows x cols) transposed; both multiples of 16, and 16x16 tiles keep
+// both sides in cache lines.
+inline void transpose(const float* __restrict__ src, float* __restrict__ dst, std::int64_t rows,
+                      std::int64_t cols) {
+  for (std::int64_t i0 = 0; i0 < rows; i0 += W)
+    for (std::int64_t j0 = 0; j0 < cols; j0 += W)
+      for (std::int64_t i = i0; i < i0 + W; ++i)
+        for (std::int64_t j = j0; j < j0 + W; ++j) dst[j * rows + i] = src[i * cols + j];
+}
+
 inline std::int64_t round_up(std::int64_t x, std::int64_t m) { return (x + m - 1) / m * m; }
 
 }  // namespace cpu
