@@ -14,8 +14,10 @@ Cleaning and reject rules (every curve that is not embedded is written to the re
 its reason; nothing disappears silently):
 
 1. ``basic_clean``: drop observations whose time, magnitude or error is NaN/inf (a null value is
-   NaN), whose error is <= 0, and repeated times (the first in input order is kept); sort each
-   curve by time. Errors are optional: without an error column only time/mag are checked.
+   NaN), whose time or magnitude is beyond ``TIME_LIMIT`` / ``MAG_LIMIT`` (not measurements, and
+   they would overflow float32), whose error is <= 0, and repeated times (the first in input
+   order is kept); sort each curve by time. Errors are optional: without an error column only
+   time/mag are checked.
 2. A curve left with fewer than ``min_obs`` (default 5, as the official pipeline) observations is
    rejected: empty curves, curves emptied by step 1, short curves. Rows whose parallel lists have
    different lengths are rejected as such.
@@ -43,13 +45,15 @@ import torch
 
 from astromer_fast.embedding.device import Timers, WindowEncoder
 from astromer_fast.data.layouts import detect_layout
+from astromer_fast.data.preprocess import MAG_LIMIT, TIME_LIMIT
 from astromer_fast.embedding.stream import InputFileError, Job, Producer, open_job, prepare
 
 REJECTS_SCHEMA = pa.schema([("id", pa.string()), ("band", pa.string()), ("n_obs", pa.int32()),
                             ("reason", pa.string())])
-CLEANING_RULES = ("drop non-finite time/mag/err (null = NaN), err <= 0 and repeated times (keep "
-                  "the first); sort by time; reject curves with fewer than min_obs observations "
-                  "left, and rows whose parallel lists differ in length")
+CLEANING_RULES = ("drop non-finite time/mag/err (null = NaN), "
+                  f"|time| > {TIME_LIMIT:.0e} days, |mag| > {MAG_LIMIT:.0e}, err <= 0 and repeated times (keep the first); sort by time; reject curves with "
+                  "fewer than min_obs observations left, and rows whose parallel lists differ in "
+                  "length")
 
 
 @dataclass
