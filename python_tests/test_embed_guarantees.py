@@ -524,3 +524,39 @@ def test_basic_clean_counts_out_of_range_observations_apart():
     assert rep.nonpositive_err.tolist() == [0, 1]
     assert out.lengths.tolist() == [1, 1] and rep.totals()["out_of_range"] == 2
     assert "2 out-of-range observation(s)" in rep.describe(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Ray and Dask engines write through the same driver: the same guarantees
+# ---------------------------------------------------------------------------------------------
+
+def test_the_engines_driver_keeps_the_same_guarantees(kw, survey, tmp_path):
+    from astromer_fast.distributed._core import (DistributedSummary, TaskRunner, drive, plan,
+                                                 prepare_outputs)
+
+    options = {"model": kw["model"], "device": "cpu"}
+    with pytest.raises(ValueError, match="would overwrite it"):
+        prepare_outputs(survey, survey, False, options)
+    out = tmp_path / "out"
+    todo, skipped, out_dir = prepare_outputs(survey, out, False, options)
+    runner = TaskRunner(options, read_batch_rows=4)
+    tasks = plan(todo, 4, 2, 1, runner.layout_kw)
+
+    def run():
+        return drive(tasks, (runner.run(t) for t in tasks), out_dir, DistributedSummary(),
+                     progress=False)
+
+    with OutputFolderLock(out):
+        with pytest.raises(OutputLockedError):
+            run()
+    run()
+    want = read_dir(_embedded(survey, tmp_path / "local", kw, read_batch_rows=4))
+    got = read_dir(out)
+    assert got.keys() == want.keys() and not list(out.glob(".*"))
+    for name in got:
+        assert got[name].equals(want[name], check_metadata=True), name
+    todo, skipped, _ = prepare_outputs(survey, out, True, options)
+    assert todo == [] and len(skipped) == 2
+    (out / "part0.parquet").write_bytes(b"")
+    todo, skipped, _ = prepare_outputs(survey, out, True, {**options, "layers": True})
+    assert [p.name for p in todo] == ["part0.parquet", "part1.parquet"] and skipped == []
