@@ -48,27 +48,28 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from astromer_fast.data.layouts import detect_layout
 from astromer_fast.data.preprocess import MAG_LIMIT, TIME_LIMIT
 from astromer_fast.embedding.device import Timers, WindowEncoder
-from astromer_fast.embedding.inputs import check_long_table_grouped, open_parquet
+from astromer_fast.embedding.inputs import (PAGE_CHECKSUMS, check_long_table_grouped,
+                                            open_parquet)
 from astromer_fast.embedding.options import (check_embedder_options, check_run_options,
                                              resolve_device)
 from astromer_fast.embedding.outputs import (CAN_RECORD_COUNTS, COUNTS_KEY, INPUT_KEY,
-                                             OutputFolderLock, commit, input_identity,
-                                             output_paths, plan_outputs, remove_leftover_temps,
+                                             SETTINGS_KEY, OutputFolderLock, commit,
+                                             input_identity, plan_outputs, remove_leftover_temps,
                                              temp_path, why_not_reusable)
+from astromer_fast.embedding.outputs import output_paths  # noqa: F401 - the engines import it here
 from astromer_fast.embedding.stream import LONG_BATCH_ROWS, InputFileError, Job, Producer, \
     open_job, prepare
 
 REJECTS_SCHEMA = pa.schema([("id", pa.string()), ("band", pa.string()), ("n_obs", pa.int32()),
                             ("reason", pa.string())])
 CLEANING_RULES = ("drop non-finite time/mag/err (null = NaN), "
-                  f"|time| > {TIME_LIMIT:.0e} days, |mag| > {MAG_LIMIT:.0e}, err <= 0 and repeated times (keep the first); sort by time; reject curves with "
-                  "fewer than min_obs observations left, and rows whose parallel lists differ in "
-                  "length")
+                  f"|time| > {TIME_LIMIT:.0e} days, |mag| > {MAG_LIMIT:.0e}, err <= 0 and "
+                  "repeated times (keep the first); sort by time; reject curves with fewer than "
+                  "min_obs observations left, and rows whose parallel lists differ in length")
 
 
 @dataclass
@@ -174,10 +175,10 @@ class _Sink:
                 meta[INPUT_KEY] = json.dumps(input_identity(source)).encode()
             self.schema = schema.with_metadata(meta)
             self.tmp, self.rtmp = temp_path(dest), temp_path(rdest)
-            self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd",
-                                           write_page_checksum=True)
+            checksums = {"write_page_checksum": True} if PAGE_CHECKSUMS else {}
+            self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd", **checksums)
             self.rwriter = pq.ParquetWriter(self.rtmp, REJECTS_SCHEMA.with_metadata(meta),
-                                            compression="zstd", write_page_checksum=True)
+                                            compression="zstd", **checksums)
 
     def write(self, table: pa.Table, rejects: pa.Table):
         if self.writer is None:
@@ -473,8 +474,7 @@ def _jobs_to_run(jobs, be, plans, resume, continue_on_error, progress, summary):
             except Exception:  # noqa: BLE001 - reported by _check_input below
                 layout = None
             if layout is not None:
-                why = why_not_reusable(dest, rdest, be.metadata(layout)[b"astromer_fast"],
-                                       job.path)
+                why = why_not_reusable(dest, rdest, be.metadata(layout)[SETTINGS_KEY], job.path)
                 if why is None:
                     summary.skipped.append(job.name)
                     continue

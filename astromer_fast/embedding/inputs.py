@@ -3,6 +3,8 @@ by object before any of their curves is embedded."""
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -11,10 +13,16 @@ import pyarrow.parquet as pq
 from astromer_fast.data.layouts import NotGroupedError
 
 
+# pyarrow reads and writes page checksums from version 15 on.
+PAGE_CHECKSUMS = "page_checksum_verification" in inspect.signature(pq.ParquetFile).parameters
+
+
 def open_parquet(path) -> pq.ParquetFile:
     """A Parquet file whose pages are verified against the CRC checksums its writer stored (a
     page corrupted on disk then fails to read, naming the file, instead of being decoded into
     wrong numbers). Files written without checksums (the pyarrow default) read as before."""
+    if not PAGE_CHECKSUMS:
+        return pq.ParquetFile(path)
     return pq.ParquetFile(path, page_checksum_verification=True)
 
 
