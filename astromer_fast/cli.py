@@ -7,6 +7,16 @@ import functools
 import sys
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def _embed(args):
     if args.engine == "ray":
         try:
@@ -28,6 +38,9 @@ def _embed(args):
                   per_window=args.per_window, read_batch_rows=args.read_rows,
                   resume=args.resume, continue_on_error=args.continue_on_error,
                   progress=not args.quiet, precision=args.precision)
+    if args.quiet:  # otherwise already said, when the input was redone
+        for src, why in summary.redone:
+            print(f"redone {src}: {why}", file=sys.stderr)
     for src, why in summary.failed:
         print(f"FAILED {why[len('error: '):] if why.startswith('error: ') else src}",
               file=sys.stderr)
@@ -87,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("embed", help="embed Parquet light curves into one vector per curve",
                        description="Write OUT/<stem>.parquet (id, band, n_obs, n_windows, "
                        "embedding) and OUT/<stem>.rejects.parquet (id, band, n_obs, reason) per "
-                       "input, atomically. Layouts (nested list<struct>, struct of lists, "
+                       "input, atomically, never replacing an input or a file astromer-fast did "
+                       "not write, one run per OUT at a time (lock: OUT/.astromer-fast.lock). "
+                       "Layouts (nested list<struct>, struct of lists, "
                        "parallel lists, long table) and common column names (hmjd/mjd/"
                        "midpointMjdTai, psfMag/magpsf, sigmapsf/psfMagErr, band/filter/fid) "
                        "are detected; the --*-col options override.")
@@ -96,14 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default=None, help="packaged model name, save_pretrained "
                    "directory or released TensorFlow checkpoint (default: the packaged model)")
     e.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    e.add_argument("--batch-size", type=int, default=256, help="windows per model call")
+    e.add_argument("--batch-size", type=_positive_int, default=256,
+                   help="windows per model call")
     e.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
                    help="arithmetic of the model (default auto: $ASTROMER_FAST_PRECISION, else "
                    "bf16 on CPUs with native bfloat16 and on CUDA, else fp32)")
-    e.add_argument("--read-rows", type=int, default=4096,
+    e.add_argument("--read-rows", type=_positive_int, default=4096,
                    help="curves per record batch read (bounds memory; default 4096)")
     e.add_argument("--window-mode", choices=["overlap", "nonoverlap"], default="overlap")
-    e.add_argument("--min-obs", type=int, default=5,
+    e.add_argument("--min-obs", type=_positive_int, default=5,
                    help="curves with fewer valid observations are rejected (default 5)")
     e.add_argument("--layout", choices=["nested", "struct_of_lists", "lists", "long"],
                    default=None, help="force a layout (default: detected)")
@@ -120,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the (n_blocks+1, D) per-layer means (gamma-weighted input)")
     e.add_argument("--per-window", action="store_true", help="one row per window")
     e.add_argument("--resume", action="store_true",
-                   help="skip inputs whose output already exists (temp files are redone)")
+                   help="skip inputs whose outputs exist, are complete and were made from the "
+                   "same input with the same options and weights; redo the others, saying why")
     e.add_argument("--continue-on-error", action="store_true",
                    help="report an unreadable file and go on with the others")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
@@ -132,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "RAY_ADDRESS, else a new local cluster)")
     e.add_argument("--num-gpus-per-actor", type=float, default=None,
                    help="GPUs per Ray actor (default 1 when the cluster has GPUs, else 0)")
-    e.add_argument("--actors", type=int, default=None,
+    e.add_argument("--actors", type=_positive_int, default=None,
                    help="Ray actors (default: one per GPU, or one per CPU without GPUs)")
     e.set_defaults(func=_embed)
 

@@ -206,6 +206,11 @@ def detect_layout(schema: pa.Schema, where: str = "input", *, id_col=None, time_
                                  f"Name it with id_col= / --id-col")
             return Layout("long", id_name, t, m, e if e and _is_scalar_number(top[e]) else None,
                           b, b is not None, False, None)
+        if t and m:
+            wrong = [f"{n} ({top[n]})" for n in (t, m) if not _is_scalar_number(top[n])]
+            raise ValueError(f"{where}: time and magnitude must be numbers, and column(s) "
+                             f"{', '.join(wrong)} are not; cast them, or name other columns "
+                             f"with time_col=/mag_col= (CLI: --time-col, --mag-col)")
 
     want = ", ".join(f"{r} ({'/'.join(COLUMN_ALIASES[r][:4])}...)" for r in ("time", "mag"))
     extra = f"; inspected {'; '.join(tried)}" if tried else ""

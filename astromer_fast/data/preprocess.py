@@ -25,6 +25,11 @@ import numpy as np
 WINDOW = 200
 MIN_OBS = 5
 WINDOW_MODES = ("overlap", "nonoverlap", "random")
+# Finite values beyond these are not measurements (sentinels, unit mistakes, corrupt values),
+# and they would overflow float32 arithmetic downstream. The time bound covers MJD, JD and BJD in
+# days; no astronomical magnitude comes near the magnitude bound.
+TIME_LIMIT = 1e7
+MAG_LIMIT = 1e3
 # Windows gathered per block in make_windows: bounds the float64 temporaries (~50 MB per array).
 _GATHER_BLOCK = 32768
 
@@ -238,13 +243,15 @@ class CleanReport:
     """What ``basic_clean`` did, per curve (int64 / bool arrays of length ``n_curves``).
 
     Drop reasons are exclusive, checked in this order: ``nonfinite`` (time, mag or err not
-    finite), ``nonpositive_err`` (err <= 0: its loss weight 1/err would be infinite or negative),
+    finite), ``out_of_range`` (finite, but |time| > ``TIME_LIMIT`` or |mag| > ``MAG_LIMIT``),
+    ``nonpositive_err`` (err <= 0: its loss weight 1/err would be infinite or negative),
     ``duplicate_time`` (an exact repeat of an earlier time of the same curve; the first in input
     order is kept). ``resorted``: the curve's times were not non-decreasing and it was sorted.
     """
 
     n_in: np.ndarray
     nonfinite: np.ndarray
+    out_of_range: np.ndarray
     nonpositive_err: np.ndarray
     duplicate_time: np.ndarray
     resorted: np.ndarray
@@ -252,7 +259,7 @@ class CleanReport:
 
     @property
     def dropped(self) -> np.ndarray:
-        return self.nonfinite + self.nonpositive_err + self.duplicate_time
+        return self.nonfinite + self.out_of_range + self.nonpositive_err + self.duplicate_time
 
     @property
     def n_out(self) -> np.ndarray:
@@ -262,6 +269,8 @@ class CleanReport:
         """A short human-readable account of curve ``i`` ("" when nothing happened to it)."""
         parts = [f"{int(a[i])} {what}" for a, what in (
             (self.nonfinite, "non-finite observation(s)"),
+            (self.out_of_range, f"out-of-range observation(s) (|time| > {TIME_LIMIT:.0e} days "
+             f"or |mag| > {MAG_LIMIT:.0e})"),
             (self.nonpositive_err, "non-positive error(s)"),
             (self.duplicate_time, "duplicate time(s)")) if a[i]]
         text = f"dropped {', '.join(parts)}" if parts else ""
@@ -274,7 +283,7 @@ class CleanReport:
         touched = np.flatnonzero((self.dropped > 0) | self.resorted)
         n_out = self.n_out
         return [{"curve": int(i), "n_in": int(self.n_in[i]), "n_out": int(n_out[i]),
-                 "nonfinite": int(self.nonfinite[i]),
+                 "nonfinite": int(self.nonfinite[i]), "out_of_range": int(self.out_of_range[i]),
                  "nonpositive_err": int(self.nonpositive_err[i]),
                  "duplicate_time": int(self.duplicate_time[i]), "resorted": bool(self.resorted[i]),
                  "reason": self.describe(i)} for i in touched]
@@ -282,14 +291,16 @@ class CleanReport:
     def totals(self) -> dict:
         return {"curves": int(len(self.n_in)), "n_in": int(self.n_in.sum()),
                 "n_out": int(self.n_out.sum()), "nonfinite": int(self.nonfinite.sum()),
+                "out_of_range": int(self.out_of_range.sum()),
                 "nonpositive_err": int(self.nonpositive_err.sum()),
                 "duplicate_time": int(self.duplicate_time.sum()),
                 "resorted": int(self.resorted.sum())}
 
 
 def basic_clean(curves: Curves) -> tuple[Curves, CleanReport]:
-    """Drop non-finite time/mag/err, non-positive errors and repeated times (keeping the first in
-    input order), and sort each curve by time where it was not already sorted. Returns the
+    """Drop non-finite time/mag/err, out-of-range time/mag (``TIME_LIMIT``, ``MAG_LIMIT``),
+    non-positive errors and repeated times (keeping the first in input order), and sort each
+    curve by time where it was not already sorted. Returns the
     cleaned curves (same number of curves, some maybe empty; the input object itself when nothing
     changes) and a :class:`CleanReport`."""
     n = len(curves)
@@ -299,9 +310,10 @@ def basic_clean(curves: Curves) -> tuple[Curves, CleanReport]:
     if curves.err is not None:
         finite &= np.isfinite(curves.err)
         positive = curves.err > 0
+    in_range = (np.abs(curves.time) <= TIME_LIMIT) & (np.abs(curves.mag) <= MAG_LIMIT)
     count = lambda mask, ids=cid: np.bincount(ids[mask], minlength=n).astype(np.int64)  # noqa: E731
 
-    idx = np.flatnonzero(finite & positive)
+    idx = np.flatnonzero(finite & in_range & positive)
     t = curves.time[idx]
     c = cid[idx]
     same_curve = c[1:] == c[:-1]
@@ -317,7 +329,8 @@ def basic_clean(curves: Curves) -> tuple[Curves, CleanReport]:
     dup = np.zeros(len(idx), dtype=bool)
     dup[1:] = (t[1:] == t[:-1]) & same_curve
     report = CleanReport(n_in=curves.lengths.astype(np.int64), nonfinite=count(~finite),
-                         nonpositive_err=count(finite & ~positive),
+                         out_of_range=count(finite & ~in_range),
+                         nonpositive_err=count(finite & in_range & ~positive),
                          duplicate_time=count(dup, c), resorted=resorted,
                          source_index=idx[~dup])
     if len(report.source_index) == curves.n_obs and not resorted.any():

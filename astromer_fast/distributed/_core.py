@@ -13,6 +13,7 @@ observation) are never split: a unit is then the whole file, read as ``embed`` r
 from __future__ import annotations
 
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,6 +27,9 @@ import pyarrow.parquet as pq
 from astromer_fast.embedding.device import Timers
 from astromer_fast.embedding.embed import (REJECTS_SCHEMA, BatchEmbedder, EmbedSummary, _Sink,
                                            expand_inputs, output_paths)
+from astromer_fast.embedding.inputs import check_long_table_grouped, open_parquet
+from astromer_fast.embedding.outputs import (SETTINGS_KEY, OutputFolderLock, plan_outputs,
+                                             remove_leftover_temps, why_not_reusable)
 from astromer_fast.embedding.stream import LONG_BATCH_ROWS, InputFileError, Job, open_job
 from astromer_fast.data.layouts import detect_layout, iter_grouped
 
@@ -241,10 +245,13 @@ class TaskRunner:
         try:
             if task.ranges is None:
                 layout, batches = open_job(Job(task.path, path=Path(task.path)), self.layout_kw)
+                if layout.kind == "long":  # before any work, as embed does
+                    check_long_table_grouped(open_parquet(task.path), layout.id, task.path,
+                                             LONG_BATCH_ROWS)
                 source = (iter_grouped(batches(self.long_rows), layout.id)
                           if layout.kind == "long" else batches(self.rows))
             else:
-                pf = pq.ParquetFile(task.path)
+                pf = open_parquet(task.path)
                 layout = detect_layout(pf.schema_arrow, task.path, **self.layout_kw)
                 data = (pf.read_row_groups(list(task.row_groups), columns=layout.columns())
                         if task.ranges else None)
@@ -281,24 +288,32 @@ class DistributedSummary(EmbedSummary):
     tasks: int = 0
 
 
-def prepare_outputs(source, output, resume: bool):
-    """(files to do, files skipped, output dir), with the same checks as ``embed``."""
+def prepare_outputs(source, output, resume: bool, options: dict | None = None):
+    """(files to do, files skipped, output dir), with the same checks as ``embed``: no input
+    or foreign file replaced, no output written twice; with ``resume``, an existing output is
+    kept only when ``embed`` would keep it (``options``: the embedder's, to know the settings;
+    the model is loaded on this machine's CPU for that). The folder's lock is taken by
+    ``drive``, around all the writing."""
     files = expand_inputs(source)
     out_dir = Path(output)
-    stems = {}
-    for p in files:
-        if p.stem in stems and stems[p.stem] != p:
-            raise ValueError(f"{p} and {stems[p.stem]} would both write {p.stem}.parquet; "
-                             "give them different names")
-        stems[p.stem] = p
+    plans = plan_outputs(files, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     todo, skipped = [], []
-    for p in files:
-        dest, rdest = output_paths(p, out_dir)
-        if resume and dest.is_file() and rdest.is_file():
-            skipped.append(str(p))
-        else:
-            todo.append(p)
+    embedder = None
+    for p, (dest, rdest) in zip(files, plans):
+        if resume and (dest.exists() or rdest.exists()):
+            if embedder is None:
+                embedder = BatchEmbedder(**{**(options or {}), "device": "cpu"})
+            try:
+                layout = embedder.detect(open_parquet(p).schema_arrow, str(p))
+                why = why_not_reusable(dest, rdest, embedder.metadata(layout)[SETTINGS_KEY], p)
+            except Exception as e:  # noqa: BLE001 - the input is reported when it is embedded
+                why = f"its input cannot be read ({e})"
+            if why is None:
+                skipped.append(str(p))
+                continue
+            print(f"redoing {dest}: {why}", file=sys.stderr)
+        todo.append(p)
     return todo, skipped, out_dir
 
 
@@ -319,9 +334,11 @@ def plan(files, read_batch_rows: int, batches_per_task: int | None, workers: int
 def drive(tasks, results, out_dir: Path, summary: DistributedSummary, *,
           continue_on_error: bool = False, progress: bool = True):
     """Write the outputs from ``results`` (an iterator of TaskResult in task order): each file's
-    parts in order into ``<stem>.parquet.tmp``, renamed when its last part is in, as ``embed``."""
+    parts in order into a temporary file, renamed when its last part is in, as ``embed``; the
+    output folder's lock is held meanwhile."""
     from tqdm.auto import tqdm
 
+    lock = OutputFolderLock(out_dir).acquire()
     total = sum(t.n_rows for t in tasks) if all(t.ranges is not None for t in tasks) else None
     bar = tqdm(total=total, unit=" rows", disable=not progress, desc="embedding",
                dynamic_ncols=True, smoothing=0.1)
@@ -329,6 +346,9 @@ def drive(tasks, results, out_dir: Path, summary: DistributedSummary, *,
     failed_file = None
     counts = [0, 0, 0, 0]
     try:
+        for task in tasks:
+            for p in output_paths(Path(task.path), out_dir):
+                remove_leftover_temps(p)
         for res in results:
             task = res.task
             summary.tasks += 1
@@ -341,7 +361,7 @@ def drive(tasks, results, out_dir: Path, summary: DistributedSummary, *,
                 counts = [0, 0, 0, 0]
                 if res.error is None:
                     dest, rdest = output_paths(Path(task.path), out_dir)
-                    sink = _Sink(dest, rdest, res.schema)
+                    sink = _Sink(dest, rdest, res.schema, source=task.path)
             if res.error is not None:
                 if sink is not None:
                     sink.abort()
@@ -372,4 +392,5 @@ def drive(tasks, results, out_dir: Path, summary: DistributedSummary, *,
         raise
     finally:
         bar.close()
+        lock.release()
     return summary

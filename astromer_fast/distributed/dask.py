@@ -199,7 +199,7 @@ def embed_files(source, output, *, client=None, address: str | None = None, retr
     if rest:
         raise TypeError(f"embed_files got unexpected options {sorted(rest)}")
     t_start = time.perf_counter()
-    todo, skipped, out_dir = prepare_outputs(source, output, resume)
+    todo, skipped, out_dir = prepare_outputs(source, output, resume, emb_kw)
     own = None
     if client is None:
         try:

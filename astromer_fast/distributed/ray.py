@@ -137,7 +137,7 @@ def embed_files(source, output, *, address: str | None = None, actors: int | Non
     if rest:
         raise TypeError(f"embed_files got unexpected options {sorted(rest)}")
     t_start = time.perf_counter()
-    todo, skipped, out_dir = prepare_outputs(source, output, resume)
+    todo, skipped, out_dir = prepare_outputs(source, output, resume, emb_kw)
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=progress)
     actors, num_gpus = _cluster_defaults(actors, num_gpus_per_actor, num_cpus_per_actor)

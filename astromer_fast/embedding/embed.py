@@ -4,7 +4,12 @@ The survey pipeline::
 
     Parquet row groups --(worker thread: read, decode, clean, window, sort)--> bounded queue
         --(main thread: model on the device, pooling and per-curve average on the device)-->
-        ParquetWriter on <stem>.parquet.tmp --(rename when complete)--> <stem>.parquet
+        ParquetWriter on a temporary file --(flush and rename when complete)--> <stem>.parquet
+
+What a run promises about its output folder (nothing replaced but our own outputs, one run at
+a time, complete files only, resume equal to a full run) is kept by ``outputs``; inputs are read
+with their page checksums verified, and long tables checked to be grouped by object before any
+work (``inputs``); every option is checked before any work (``options``).
 
 Inputs: a Parquet file, glob, directory or a list of them, or a ``pyarrow.Table``; any layout of
 ``astromer_fast.data.layouts`` (nested list<struct>, struct of lists, parallel lists, long table),
@@ -14,8 +19,10 @@ Cleaning and reject rules (every curve that is not embedded is written to the re
 its reason; nothing disappears silently):
 
 1. ``basic_clean``: drop observations whose time, magnitude or error is NaN/inf (a null value is
-   NaN), whose error is <= 0, and repeated times (the first in input order is kept); sort each
-   curve by time. Errors are optional: without an error column only time/mag are checked.
+   NaN), whose time or magnitude is beyond ``TIME_LIMIT`` / ``MAG_LIMIT`` (not measurements, and
+   they would overflow float32), whose error is <= 0, and repeated times (the first in input
+   order is kept); sort each curve by time. Errors are optional: without an error column only
+   time/mag are checked.
 2. A curve left with fewer than ``min_obs`` (default 5, as the official pipeline) observations is
    rejected: empty curves, curves emptied by step 1, short curves. Rows whose parallel lists have
    different lengths are rejected as such.
@@ -32,6 +39,8 @@ from __future__ import annotations
 import glob as _glob
 import hashlib
 import json
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,17 +48,28 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
-from astromer_fast.embedding.device import Timers, WindowEncoder
 from astromer_fast.data.layouts import detect_layout
-from astromer_fast.embedding.stream import InputFileError, Job, Producer, open_job, prepare
+from astromer_fast.data.preprocess import MAG_LIMIT, TIME_LIMIT
+from astromer_fast.embedding.device import Timers, WindowEncoder
+from astromer_fast.embedding.inputs import (PAGE_CHECKSUMS, check_long_table_grouped,
+                                            open_parquet)
+from astromer_fast.embedding.options import (check_embedder_options, check_run_options,
+                                             resolve_device)
+from astromer_fast.embedding.outputs import (CAN_RECORD_COUNTS, COUNTS_KEY, INPUT_KEY,
+                                             SETTINGS_KEY, OutputFolderLock, commit,
+                                             input_identity, plan_outputs, remove_leftover_temps,
+                                             temp_path, why_not_reusable)
+from astromer_fast.embedding.outputs import output_paths  # noqa: F401 - the engines import it here
+from astromer_fast.embedding.stream import LONG_BATCH_ROWS, InputFileError, Job, Producer, \
+    open_job, prepare
 
 REJECTS_SCHEMA = pa.schema([("id", pa.string()), ("band", pa.string()), ("n_obs", pa.int32()),
                             ("reason", pa.string())])
-CLEANING_RULES = ("drop non-finite time/mag/err (null = NaN), err <= 0 and repeated times (keep "
-                  "the first); sort by time; reject curves with fewer than min_obs observations "
-                  "left, and rows whose parallel lists differ in length")
+CLEANING_RULES = ("drop non-finite time/mag/err (null = NaN), "
+                  f"|time| > {TIME_LIMIT:.0e} days, |mag| > {MAG_LIMIT:.0e}, err <= 0 and "
+                  "repeated times (keep the first); sort by time; reject curves with fewer than "
+                  "min_obs observations left, and rows whose parallel lists differ in length")
 
 
 @dataclass
@@ -60,6 +80,7 @@ class EmbedSummary:
     rejected: int = 0
     filtered: int = 0  # curves of bands not asked for (bands=)
     skipped: list = field(default_factory=list)  # inputs whose output existed (resume)
+    redone: list = field(default_factory=list)  # (input, why its existing output was not kept)
     seconds: float = 0.0
     timings: dict = field(default_factory=dict)
 
@@ -71,6 +92,7 @@ class EmbedSummary:
         rate = self.curves_in / self.seconds if self.seconds else float("nan")
         extra = f", {self.filtered} of other bands" if self.filtered else ""
         extra += f", {len(self.skipped)} file(s) already done" if self.skipped else ""
+        extra += f", {len(self.redone)} file(s) redone" if self.redone else ""
         extra += f", {len(self.failed)} file(s) FAILED" if self.failed else ""
         return (f"{self.curves_in} curves in, {self.embedded} embedded, {self.rejected} rejected"
                 f"{extra} ({len(self.files)} file(s), {self.seconds:.1f} s, {rate:.1f} curves/s)")
@@ -78,34 +100,39 @@ class EmbedSummary:
 
 def expand_inputs(source) -> list[Path]:
     """A path, a glob, a directory (its *.parquet) or a list of those -> list of files (each
-    glob and directory sorted; list order kept)."""
-    items = source if isinstance(source, (list, tuple)) else [source]
+    glob and directory sorted; list order kept; a file named twice is read once). A path that
+    exists is taken as it is, even if it holds glob characters such as ``[``."""
+    items = list(source) if isinstance(source, (list, tuple)) else [source]
+    if not items:
+        raise ValueError("no input given")
     files: list[Path] = []
     for item in items:
-        s = str(item)
-        if any(c in s for c in "*?["):
-            matched = sorted(Path(p) for p in _glob.glob(s, recursive=True) if Path(p).is_file())
-            if not matched:
-                raise FileNotFoundError(f"{s}: the pattern matches no file")
-            files += matched
-        elif Path(s).is_dir():
+        if not isinstance(item, (str, os.PathLike)):
+            raise ValueError(f"an input must be a path, a glob or a directory, got {item!r}")
+        s = os.fspath(item)
+        if not s.strip():
+            raise ValueError("an input path is empty")
+        if Path(s).is_dir():
             matched = sorted(Path(s).glob("*.parquet"))
             if not matched:
                 raise FileNotFoundError(f"{s}: the directory holds no *.parquet file")
             files += matched
         elif Path(s).is_file():
             files.append(Path(s))
+        elif any(c in s for c in "*?["):
+            matched = sorted(Path(p) for p in _glob.glob(s, recursive=True) if Path(p).is_file())
+            if not matched:
+                raise FileNotFoundError(f"{s}: the pattern matches no file")
+            files += matched
         else:
             raise FileNotFoundError(f"{s}: no such file or directory")
-    return files
-
-
-def output_paths(path: Path, out_dir: Path) -> tuple[Path, Path]:
-    return out_dir / f"{path.stem}.parquet", out_dir / f"{path.stem}.rejects.parquet"
-
-
-def _tmp(p: Path) -> Path:
-    return p.with_name(p.name + ".tmp")
+    seen, unique = set(), []
+    for p in files:
+        st = p.stat()
+        if (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            unique.append(p)
+    return unique
 
 
 def output_schema(d: int, n_layers: int | None, per_window: bool, meta: dict) -> pa.Schema:
@@ -131,18 +158,27 @@ def _layers_array(a: np.ndarray, d: int, n_layers: int):
 
 
 class _Sink:
-    """Writes one input's outputs incrementally: ParquetWriter on temp files, renamed into place
-    by ``commit`` (rejects first, so an existing final output means both are complete)."""
+    """Writes one input's outputs incrementally: ParquetWriter on temporary files of names unique
+    to this writer, with page checksums; ``commit`` records the row counts in both footers,
+    flushes both files and renames them into place, rejects first (so an existing final output
+    means both are complete). ``source``: the input file, recorded in the outputs' metadata so
+    that resume can tell whether it changed."""
 
-    def __init__(self, dest: Path | None, rdest: Path | None, schema: pa.Schema):
+    def __init__(self, dest: Path | None, rdest: Path | None, schema: pa.Schema, source=None):
         self.dest, self.rdest, self.schema = dest, rdest, schema
         self.tables, self.rejects = [], []
         self.writer = self.rwriter = None
+        self.rows = self.rejected = 0
         if dest is not None:
-            for p in (_tmp(dest), _tmp(rdest)):
-                p.unlink(missing_ok=True)
-            self.writer = pq.ParquetWriter(_tmp(dest), schema, compression="zstd")
-            self.rwriter = pq.ParquetWriter(_tmp(rdest), REJECTS_SCHEMA, compression="zstd")
+            meta = dict(schema.metadata or {})
+            if source is not None:
+                meta[INPUT_KEY] = json.dumps(input_identity(source)).encode()
+            self.schema = schema.with_metadata(meta)
+            self.tmp, self.rtmp = temp_path(dest), temp_path(rdest)
+            checksums = {"write_page_checksum": True} if PAGE_CHECKSUMS else {}
+            self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd", **checksums)
+            self.rwriter = pq.ParquetWriter(self.rtmp, REJECTS_SCHEMA.with_metadata(meta),
+                                            compression="zstd", **checksums)
 
     def write(self, table: pa.Table, rejects: pa.Table):
         if self.writer is None:
@@ -151,16 +187,21 @@ class _Sink:
             return
         if table.num_rows:
             self.writer.write_table(table)
+            self.rows += table.num_rows
         if rejects.num_rows:
             self.rwriter.write_table(rejects)
+            self.rejected += rejects.num_rows
 
     def commit(self):
         if self.writer is None:
             return
+        if CAN_RECORD_COUNTS:
+            counts = {COUNTS_KEY: json.dumps({"rows": self.rows, "rejects": self.rejected})}
+            self.writer.add_key_value_metadata(counts)
+            self.rwriter.add_key_value_metadata(counts)
         self.writer.close()
         self.rwriter.close()
-        _tmp(self.rdest).replace(self.rdest)
-        _tmp(self.dest).replace(self.dest)
+        commit([(self.rtmp, self.rdest), (self.tmp, self.dest)])
 
     def abort(self):
         for w in (self.writer, self.rwriter):
@@ -170,8 +211,8 @@ class _Sink:
                 except Exception:  # noqa: BLE001 - cleaning up after an error already reported
                     pass
         if self.dest is not None:
-            _tmp(self.dest).unlink(missing_ok=True)
-            _tmp(self.rdest).unlink(missing_ok=True)
+            self.tmp.unlink(missing_ok=True)
+            self.rtmp.unlink(missing_ok=True)
 
 
 def weights_sha256(model) -> tuple[str, str]:
@@ -273,14 +314,17 @@ class BatchEmbedder:
                  timers: Timers | None = None, precision: str | None = None):
         from astromer_fast.weights import load_model
 
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.bands = check_embedder_options(
+            batch_size=batch_size, window_mode=window_mode, min_obs=min_obs, id_col=id_col,
+            band_col=band_col, lightcurve_col=lightcurve_col, time_col=time_col, mag_col=mag_col,
+            err_col=err_col, layout=layout, bands=bands, layers=layers, per_window=per_window,
+            precision=precision)
+        self.device = resolve_device(device)
         self.net = load_model(model, device=self.device)
         self.net.eval()
         self.per_window = per_window
         self.d = self.net.config.d_model
         self.n_layers = self.net.config.n_blocks + 1 if layers else None
-        self.bands = None if bands is None else ([bands] if isinstance(bands, str)
-                                                 else list(bands))
         self.layout_kw = dict(id_col=id_col, time_col=time_col, mag_col=mag_col, err_col=err_col,
                               band_col=band_col, lightcurve_col=lightcurve_col, layout=layout)
         self.prep_kw = dict(window=self.net.config.window, window_mode=window_mode,
@@ -327,9 +371,13 @@ def embed(source, output=None, *, model=None, batch_size: int = 256, device=None
 
     ``source``: a Parquet path, glob, directory or list of them, or a ``pyarrow.Table``.
     ``output=None``: return a ``pyarrow.Table`` (with ``return_rejects=True``, a pair
-    ``(embeddings, rejects)``); meant for small inputs. ``output=DIR``: write ``<stem>.parquet``
-    and ``<stem>.rejects.parquet`` per input file into DIR, chunk by chunk with bounded memory,
-    atomically (temp file + rename), and return an :class:`EmbedSummary`.
+    ``(embeddings, rejects)``); meant for small inputs. ``output=DIR`` (Parquet inputs only):
+    write ``<stem>.parquet`` and ``<stem>.rejects.parquet`` per input file into DIR, chunk by
+    chunk with bounded memory, atomically (temporary file, flushed, then renamed), and return an
+    :class:`EmbedSummary`. Before any work the run refuses an output that would replace one of
+    its inputs, or a file that two inputs would both write, or a Parquet file there that
+    astromer-fast did not write, and takes DIR's lock (``OutputLockedError`` when another run
+    holds it; see ``astromer_fast.embedding.outputs``).
 
     ``model``: a packaged model name, a ``save_pretrained`` directory, a released TensorFlow
     checkpoint, or an ``Astromer``; ``None`` uses the packaged default.
@@ -337,59 +385,131 @@ def embed(source, output=None, *, model=None, batch_size: int = 256, device=None
     detected); ``id_col``, ``time_col``, ``mag_col``, ``err_col``, ``band_col``,
     ``lightcurve_col`` override (``err_col=""`` / ``band_col=""``: use none), ``layout`` forces
     one of "nested", "struct_of_lists", "lists", "long". ``bands``: keep only these bands.
+    A long table must hold each object's rows together; its id column is read once before any
+    work to check that (an object whose rows come back later is an error naming it).
     ``window_mode``: "overlap" (official: last window clamped to the curve's end) or "nonoverlap".
     ``layers=True`` adds a ``layers`` column: the (n_blocks + 1, D) per-layer means (input
     embedding and every block), the input of the paper's gamma-weighted embedding.
     ``per_window=True``: one row per window (``id, band, window, start, n_valid, embedding``).
-    ``resume=True``: inputs whose final output exists are skipped (leftover temp files are
-    discarded and redone); the result equals an uninterrupted run.
+    ``resume=True``: an input whose outputs exist is skipped when they are complete and were
+    made from the same input with the same options and weights; otherwise it is embedded again
+    and the reason is reported (``EmbedSummary.redone``). The result equals an uninterrupted run.
     ``continue_on_error=True``: an unreadable input is reported (summary, CLI exit status 1) and
     the others are embedded; otherwise it raises ``ValueError`` naming the file.
     ``precision``: "fp32", "bf16" or None/"auto" (``$ASTROMER_FAST_PRECISION``, else on the CPU
     bf16 where it has native bfloat16 arithmetic, else fp32; on CUDA bf16 autocast). The mode used
     is recorded in the output's metadata; ``bench/RESULTS.md`` gives each mode's accuracy.
+    Every option is checked before any work; a bad one raises ``ValueError`` naming it.
     """
     from tqdm.auto import tqdm
 
     start_time = time.perf_counter()
-    be = BatchEmbedder(model, device=device, batch_size=batch_size, window_mode=window_mode,
-                       min_obs=min_obs, id_col=id_col, band_col=band_col,
-                       lightcurve_col=lightcurve_col, time_col=time_col, mag_col=mag_col,
-                       err_col=err_col, layout=layout, bands=bands, layers=layers,
-                       per_window=per_window, precision=precision)
-    d, n_layers, layout_kw, prep_kw, timers = be.d, be.n_layers, be.layout_kw, be.prep_kw, be.timers
-    summary = EmbedSummary()
+    check_run_options(read_batch_rows=read_batch_rows, long_batch_rows=long_batch_rows,
+                      prefetch=prefetch, resume=resume, continue_on_error=continue_on_error,
+                      progress=progress, return_rejects=return_rejects)
+    embedder_kw = dict(batch_size=batch_size, window_mode=window_mode, min_obs=min_obs,
+                       id_col=id_col, band_col=band_col, lightcurve_col=lightcurve_col,
+                       time_col=time_col, mag_col=mag_col, err_col=err_col, layout=layout,
+                       bands=bands, layers=layers, per_window=per_window, precision=precision)
+    check_embedder_options(**embedder_kw)
+    resolve_device(device)
+    if output is not None and (not isinstance(output, (str, os.PathLike))
+                               or not os.fspath(output).strip()):
+        raise ValueError(f"output must be a folder path (or None: return a table), got "
+                         f"{output!r}")
 
     in_memory = isinstance(source, (pa.Table, pa.RecordBatch))
+    out_dir = None
+    plans = {}
     if in_memory:
+        if output is not None:
+            raise ValueError("output= is for Parquet inputs (one output per input file); an "
+                             "Arrow table in gives a table back: call embed(table) and write "
+                             "the result, or write the table to Parquet and embed that file")
         table = pa.Table.from_batches([source]) if isinstance(source, pa.RecordBatch) else source
         jobs = [Job("input table", table=table)]
-        out_dir = None
     else:
         files = expand_inputs(source)
-        out_dir = Path(output) if output is not None else None
         jobs = [Job(str(p), path=p) for p in files]
-        if out_dir is not None:
-            stems = {}
-            for p in files:
-                if p.stem in stems and stems[p.stem] != p:
-                    raise ValueError(f"{p} and {stems[p.stem]} would both write "
-                                     f"{p.stem}.parquet; give them different names")
-                stems[p.stem] = p
+        if output is not None:
+            out_dir = Path(output)
+            plans = dict(zip((job.name for job in jobs), plan_outputs(files, out_dir)))
             out_dir.mkdir(parents=True, exist_ok=True)
-            todo = []
-            for job in jobs:
-                dest, rdest = output_paths(job.path, out_dir)
-                if resume and dest.is_file() and rdest.is_file():
-                    summary.skipped.append(job.name)
-                else:
-                    todo.append(job)
-            jobs = todo
+    lock = OutputFolderLock(out_dir).acquire() if out_dir is not None else None
+    try:
+        be = BatchEmbedder(model, device=device, **embedder_kw)
+        summary = EmbedSummary()
+        jobs = _jobs_to_run(jobs, be, plans, resume, continue_on_error, progress, summary)
+        return _run(jobs, be, plans, out_dir is not None, summary, start_time, read_batch_rows,
+                    long_batch_rows, prefetch, continue_on_error, progress, return_rejects, tqdm)
+    finally:
+        if lock is not None:
+            lock.release()
 
-    total = _count_curves(jobs, layout_kw) if progress else None
+
+def _check_input(job: Job, layout_kw: dict):
+    """The layout of a job's input, after the checks that need no work on the curves: it opens,
+    and a long table holds each object's rows together. Raises InputFileError naming it."""
+    try:
+        if job.table is not None:
+            src, schema = job.table, job.table.schema
+        else:
+            src = open_parquet(job.path)
+            schema = src.schema_arrow
+        layout = detect_layout(schema, job.name, **layout_kw)
+        if layout.kind == "long":
+            check_long_table_grouped(src, layout.id, job.name, LONG_BATCH_ROWS)
+        return layout
+    except InputFileError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure to open is reported against the file
+        msg = str(e) if str(e).startswith(job.name) else f"{job.name}: {e}"
+        raise InputFileError(msg) from e
+
+
+def _jobs_to_run(jobs, be, plans, resume, continue_on_error, progress, summary):
+    """The jobs left after resume (an output that is complete and made the same way is kept;
+    any other is redone, saying why) and after the checks of ``_check_input``. Temporary files
+    left by killed runs are removed (the folder's lock is held)."""
+    todo = []
+    for job in jobs:
+        dest, rdest = plans.get(job.name, (None, None))
+        if resume and dest is not None and (dest.exists() or rdest.exists()):
+            try:
+                layout = be.detect(open_parquet(job.path).schema_arrow, job.name)
+            except Exception:  # noqa: BLE001 - reported by _check_input below
+                layout = None
+            if layout is not None:
+                why = why_not_reusable(dest, rdest, be.metadata(layout)[SETTINGS_KEY], job.path)
+                if why is None:
+                    summary.skipped.append(job.name)
+                    continue
+                summary.redone.append((job.name, why))
+                if progress:
+                    print(f"redoing {dest}: {why}", file=sys.stderr)
+        try:
+            _check_input(job, be.layout_kw)
+        except InputFileError as e:
+            if not continue_on_error:
+                raise
+            summary.files.append((job.name, None, f"error: {e}"))
+            if progress:
+                print(f"FAILED {e}")
+            continue
+        if dest is not None:
+            remove_leftover_temps(dest)
+            remove_leftover_temps(rdest)
+        todo.append(job)
+    return todo
+
+
+def _run(jobs, be, plans, to_folder, summary, start_time, read_batch_rows, long_batch_rows,
+         prefetch, continue_on_error, progress, return_rejects, tqdm):
+    d, n_layers, per_window, timers = be.d, be.n_layers, be.per_window, be.timers
+    total = _count_curves(jobs, be.layout_kw) if progress else None
     bar = tqdm(total=total, unit=" curves", disable=not progress, desc="embedding",
                dynamic_ncols=True, smoothing=0.1)
-    producer = Producer(jobs, layout_kw, prep_kw, read_batch_rows, long_batch_rows,
+    producer = Producer(jobs, be.layout_kw, be.prep_kw, read_batch_rows, long_batch_rows,
                         depth=prefetch).start()
     collected, collected_rej, metas = [], [], []
     sink = None
@@ -399,10 +519,9 @@ def embed(source, output=None, *, model=None, batch_size: int = 256, device=None
             if kind == "start":
                 meta = be.metadata(item[2])
                 metas.append(meta)
-                dest = rdest = None
-                if out_dir is not None:
-                    dest, rdest = output_paths(job.path, out_dir)
-                sink = _Sink(dest, rdest, output_schema(d, n_layers, per_window, meta))
+                dest, rdest = plans.get(job.name, (None, None))
+                sink = _Sink(dest, rdest, output_schema(d, n_layers, per_window, meta),
+                             source=job.path)
                 file_counts = [0, 0, 0, 0]
             elif kind == "chunk":
                 chunk = item[2]
@@ -424,7 +543,7 @@ def embed(source, output=None, *, model=None, batch_size: int = 256, device=None
                 summary.embedded += file_counts[1]
                 summary.rejected += file_counts[2]
                 summary.filtered += file_counts[3]
-                if out_dir is None:
+                if sink.dest is None:
                     collected += sink.tables
                     collected_rej += sink.rejects
                     summary.files.append((job.name, "<table>", None))
@@ -451,7 +570,7 @@ def embed(source, output=None, *, model=None, batch_size: int = 256, device=None
     summary.timings = {**producer.timers, **timers, "total": summary.seconds}
     if progress:
         print(summary)
-    if out_dir is not None:
+    if to_folder:
         return summary
     meta = metas[0] if metas else be.metadata()
     schema = output_schema(d, n_layers, per_window, meta)

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from astromer_fast.data import basic_clean, make_windows
 from astromer_fast.data.layouts import Layout, decode_batch, detect_layout, iter_grouped
 from astromer_fast.embedding.device import Timers, pin
+from astromer_fast.embedding.inputs import open_parquet
 
 # Rows per record batch of a long table (one row per observation).
 LONG_BATCH_ROWS = 1 << 19
@@ -131,7 +132,7 @@ def open_job(job: Job, layout_kw: dict):
             layout = detect_layout(schema, job.name, **layout_kw)
             return layout, lambda rows: iter(job.table.select(layout.columns())
                                              .to_batches(max_chunksize=rows))
-        pf = pq.ParquetFile(job.path)
+        pf = open_parquet(job.path)
         schema = pf.schema_arrow
         layout = detect_layout(schema, job.name, **layout_kw)
         return layout, lambda rows: pf.iter_batches(batch_size=rows, columns=layout.columns())

@@ -46,14 +46,52 @@ class AstromerConfig:
     dropout: float = 0.1
 
     def __post_init__(self):
+        # Every field is checked once, here, so that a bad keyword or config.json fails with a
+        # message naming the field instead of a traceback from deep inside the model or the data
+        # pipeline. The upper bounds only catch values no real model has (a typo, a wrong key).
+        import numbers
+
+        def integer(name, low, high):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+            if not low <= value <= high:
+                raise ValueError(f"{name} must be between {low} and {high}, got {value}")
+            setattr(self, name, int(value))
+
+        def real(name, ok, want):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or \
+                    not math.isfinite(value) or not ok(value):
+                raise ValueError(f"{name} must be {want}, got {value!r}")
+            setattr(self, name, float(value))
+
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"name must be a non-empty string, got {self.name!r}")
+        integer("n_blocks", 1, 1024)
+        integer("d_model", 2, 1 << 16)
+        integer("n_heads", 1, self.d_model)
+        integer("dff", 1, 1 << 18)
+        integer("window", 1, 1 << 16)
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.d_model % 2:
             raise ValueError(f"d_model={self.d_model} must be even (sin/cos channels)")
+        # A rough count (the attention and feed-forward weights of every block) is enough to
+        # refuse sizes that could never be allocated.
+        approx_parameters = self.n_blocks * (6 * self.d_model ** 2 + 2 * self.d_model * self.dff)
+        if approx_parameters > 1 << 32:
+            raise ValueError(f"n_blocks={self.n_blocks}, d_model={self.d_model} and dff={self.dff} "
+                             f"give about {approx_parameters:.1e} parameters, more than the "
+                             f"{1 << 32:.1e} this implementation accepts")
+        real("pe_base", lambda v: v > 1, "a finite number > 1")
+        real("ln_eps", lambda v: v > 0, "a finite number > 0")
+        real("dropout", lambda v: 0 <= v < 1, "a number in [0, 1)")
+        for name in ("use_leak", "use_token"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.mask_rule not in MASK_RULES:
             raise ValueError(f"mask_rule must be one of {MASK_RULES}, got {self.mask_rule!r}")
-        if self.pe_base <= 1:
-            raise ValueError(f"pe_base must be > 1, got {self.pe_base}")
 
     @classmethod
     def astromer2(cls, **overrides) -> "AstromerConfig":
