@@ -1,18 +1,24 @@
-"""End-to-end embedding throughput, Parquet in -> Parquet out, beside the model alone and a naive
-curve-by-curve loop, with where the time goes.
+"""End-to-end embedding throughput, Parquet in -> Parquet out, beside the model alone, PyTorch
+done right on the same windows, and a naive curve-by-curve loop, with where the time goes.
 
-    python bench/bench_embed.py                          # CPU: 500 curves, full Astromer 2
-    python bench/bench_embed.py --device cuda --curves 1000000 --batch-size 4096 --json out.json
+    python bench/bench_embed.py                          # CPU: real EROS-1 curves (both bands)
+    python bench/bench_embed.py --data generated --curves 500
+    python bench/bench_embed.py --device cuda --data generated --curves 1000000 --batch-size 4096
 
-Data: survey-like generated curves, lengths log-uniform in [50, 1000] observations, nested
-``list<struct<time, mag, magerr>>`` Parquet (row groups of 4096). Model: Astromer 2 (6 blocks,
-random init: throughput does not depend on the weights).
+Data (``--data``): ``eros`` the real EROS-1 curves of ``../shared/data/eros1.parquet`` (``--curves``
+of them, default all 7,282), or ``generated``: survey-like curves, lengths log-uniform in
+[``--min-len``, ``--max-len``] observations, nested ``list<struct<time, mag, magerr>>`` Parquet
+(row groups of 4096). Model: the packaged Astromer 2 weights.
 
 Rows of the table:
-* ``pipeline``: ``astromer_fast.embed(file, out_dir)``, wall time including the Parquet read and
-  the output write (the model load and the data generation excluded).
+* ``pipeline``: ``astromer_fast.embed(file, out_dir)`` in its default precision (and, on the CPU,
+  in the other one), wall time including the Parquet read and the output write (the model load
+  and the data generation excluded).
 * ``model only``: the same windows (same chunks, same length-sorted batches cut to their longest
-  window) already prepared and on the device, timed through the model and the pooling only.
+  window) already prepared and on the device, through this package's model and the pooling only.
+* ``PyTorch ... model only``: the plain model on exactly those batches, with SDPA and the key
+  mask, in float32 and under bf16 autocast, and ``torch.compile`` of both (``--compile``): the
+  denominators of the goals ("PyTorch done right").
 * ``naive``: what users of the official ``encode()`` do: a Python loop over curves, each curve's
   arrays pulled out of the table, cleaned and cut into 200-padded windows with numpy, one model
   call per curve (its windows as the batch). Run on a subset (``--naive-curves``), rate
@@ -26,22 +32,25 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
 # The installed package (with its compiled kernels) is what is measured, never the source tree.
 import astromer_fast
-from astromer_fast import Astromer, AstromerConfig
 from astromer_fast.data import Curves
 from astromer_fast.data.layouts import detect_layout
 from astromer_fast.embedding.stream import prepare
 from astromer_fast.model import masked_mean
+
+NAN = float("nan")
 
 
 def generate(path: Path, n_curves: int, lo: int, hi: int, seed: int = 0):
@@ -69,11 +78,11 @@ def generate(path: Path, n_curves: int, lo: int, hi: int, seed: int = 0):
     return total_obs
 
 
-def model_only(model, path, device, batch_size, read_rows):
-    """Seconds through the model + pooling on the same windows, prepared beforehand."""
+def prepared_batches(model, path, device, batch_size, read_rows):
+    """The windows ``embed`` runs, as it batches them: chunk by chunk, sorted by length, each
+    batch cut to its longest window; on the device."""
     pf = pq.ParquetFile(path)
     layout = detect_layout(pf.schema_arrow)
-    cuda = device.type == "cuda"
     batches = []
     for rb in pf.iter_batches(batch_size=read_rows, columns=layout.columns()):
         ch = prepare(rb, layout, window=model.config.window, window_mode="overlap", min_obs=5)
@@ -81,21 +90,50 @@ def model_only(model, path, device, batch_size, read_rows):
             width = max(int(ch.n_valid_sorted[s]), 1)
             sl = (slice(s, s + batch_size), slice(0, width))
             batches.append(tuple(ch.tensors[k][sl].to(device) for k in ("t", "m", "valid")))
-    n_windows = sum(b[0].shape[0] for b in batches)
+    return batches
 
+
+def model_only_variants(model, device, compile_ref: bool, precision: str):
+    """name -> function(t, m, valid) -> window means: this package's model (as ``embed`` runs it)
+    and the plain PyTorch model done right."""
+    from astromer_fast.embedding.device import WindowEncoder
+
+    ours = WindowEncoder(model, device, precision=precision)
+    out = {f"model only, astromer_fast {precision}": ours.pooled}
+
+    def plain(precision_, compiled=False):
+        encode = torch.compile(model.encode) if compiled else model.encode
+
+        def f(t, m, valid):
+            with torch.autocast(device.type, dtype=torch.bfloat16,
+                                enabled=precision_ == "bf16"):
+                out = encode(t, m, ~valid, backend="torch", use_sdpa=True).last
+            return masked_mean(out.float(), valid)
+        return f
+
+    out["model only, PyTorch fp32 + SDPA"] = plain("fp32")
+    out["model only, PyTorch bf16 + SDPA"] = plain("bf16")
+    if compile_ref:
+        out["model only, torch.compile fp32 + SDPA"] = plain("fp32", True)
+        out["model only, torch.compile bf16 + SDPA"] = plain("bf16", True)
+    return out
+
+
+def time_model_only(fn, batches, device):
+    """Seconds for one pass over the batches (after a warm-up pass, which also compiles)."""
     def once():
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16,
-                                                    enabled=cuda):
+        with torch.inference_mode():
             for t, m, valid in batches:
-                masked_mean(model.encode(t, m, ~valid).last.float(), valid)
-        if cuda:
+                fn(t, m, valid)
+        if device.type == "cuda":
             torch.cuda.synchronize()
 
-    if cuda:
-        once()  # warm-up
     t0 = time.perf_counter()
     once()
-    return time.perf_counter() - t0, n_windows
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    once()
+    return time.perf_counter() - t0, first
 
 
 def naive(model, path, device, n_curves, window=200):
@@ -136,78 +174,134 @@ def naive(model, path, device, n_curves, window=200):
     return time.perf_counter() - t0, len(table)
 
 
+def eros_parquet(dst: Path, n_curves: int | None) -> int:
+    """The first ``n_curves`` of EROS-1 (both bands) copied to ``dst``; their observations."""
+    src = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "eros1.parquet"
+    if not src.is_file():
+        sys.exit(f"--data eros needs {src} (or use --data generated)")
+    table = pq.read_table(src, columns=["id", "band", "lightcurve"])
+    if n_curves:
+        table = table.slice(0, n_curves)
+    pq.write_table(table, dst, row_group_size=4096)
+    return int(pc.sum(pc.list_value_length(table["lightcurve"])).as_py())
+
+
+def machine(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    from astromer_fast.model.fused_cpu import cpu_isa_info
+
+    info = cpu_isa_info()
+    return f"{info.get('model') or platform.processor()} ({', '.join(info.get('features', []))})"
+
+
 def main(argv=None):
+    from astromer_fast.embedding.device import embedding_precision
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--curves", type=int, default=500)
+    p.add_argument("--data", choices=["eros", "generated"], default=None,
+                   help="default: eros when ../shared/data is there")
+    p.add_argument("--curves", type=int, default=None,
+                   help="curves (default: all 7,282 of EROS-1; 500 generated)")
     p.add_argument("--min-len", type=int, default=50)
     p.add_argument("--max-len", type=int, default=1000)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--read-rows", type=int, default=1024)
     p.add_argument("--naive-curves", type=int, default=100)
-    p.add_argument("--blocks", type=int, default=6, help="encoder blocks (6: Astromer 2)")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="also time torch.compile of the plain model (model only)")
     p.add_argument("--json", default="bench_embed.json")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    if args.data is None:
+        shared = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "eros1.parquet"
+        args.data = "eros" if shared.is_file() else "generated"
     torch.manual_seed(0)
+    default = embedding_precision(device)
+    precisions = [default] + ([p_ for p_ in ("fp32", "bf16") if p_ != default]
+                              if device.type == "cpu" else [])
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        src = tmp / "survey.parquet"
-        n_obs = generate(src, args.curves, args.min_len, args.max_len)
-        model_dir = tmp / "model"
-        Astromer(AstromerConfig(n_blocks=args.blocks)).save_pretrained(model_dir)
-        model = astromer_fast.load_model(model_dir, device=device).eval()
+        src = tmp / "curves.parquet"
+        if args.data == "eros":
+            n_obs = eros_parquet(src, args.curves)
+        else:
+            n_obs = generate(src, args.curves or 500, args.min_len, args.max_len)
+        model = astromer_fast.load_model(device=device).eval()
+        batches = prepared_batches(model, src, device, args.batch_size, args.read_rows)
+        n_windows = sum(b[0].shape[0] for b in batches)
+        variants = model_only_variants(model, device, args.compile, default)
 
-        # Warm-up (first-call costs), then the timed pipeline run.
-        astromer_fast.embed(src, tmp / "warm", model=model, device=device, progress=False,
-                            batch_size=args.batch_size, read_batch_rows=args.read_rows)
+        def pipeline(precision, out):
+            return astromer_fast.embed(src, out, model=model, device=device, progress=False,
+                                       batch_size=args.batch_size, read_batch_rows=args.read_rows,
+                                       precision=precision)
+
+        # Warm-up (first-call costs, compilation), then rounds in which every row is timed in
+        # turn, best of --repeats: on a shared machine the load of other jobs drifts.
+        first = {}
+        for prec in precisions:
+            pipeline(prec, tmp / f"warm-{prec}")
+        for name, fn in variants.items():
+            first[name] = time_model_only(fn, batches, device)[1]
         naive(model, src, device, 2)
-        # Pipeline and model-only alternate, best of --repeats each: on a shared machine the
-        # load of other jobs drifts between runs.
-        e2e = mo = float("inf")
+        best, summaries = {}, {}
         for r in range(args.repeats):
-            t0 = time.perf_counter()
-            s = astromer_fast.embed(src, tmp / f"out{r}", model=model, device=device,
-                                    progress=False, batch_size=args.batch_size,
-                                    read_batch_rows=args.read_rows)
-            took = time.perf_counter() - t0
-            if took < e2e:
-                e2e, summary = took, s
-            took, n_windows = model_only(model, src, device, args.batch_size, args.read_rows)
-            mo = min(mo, took)
+            for prec in precisions:
+                t0 = time.perf_counter()
+                summary = pipeline(prec, tmp / f"out{r}-{prec}")
+                took = time.perf_counter() - t0
+                name = f"pipeline (Parquet -> Parquet), {prec}"
+                if took < best.get(name, float("inf")):
+                    best[name], summaries[prec] = took, summary
+            for name, fn in variants.items():
+                best[name] = min(best.get(name, float("inf")),
+                                 time_model_only(fn, batches, device)[0])
         nv, nv_curves = naive(model, src, device, args.naive_curves)
 
-    n = summary.curves_in
-    rows = [("pipeline (Parquet -> Parquet)", e2e, n / e2e),
-            ("model only (same windows)", mo, n / mo),
-            (f"naive per-curve loop ({nv_curves} curves)", nv, nv_curves / nv)]
-    tm = summary.timings
-    print(f"\nastromer_fast {astromer_fast.__version__}, torch {torch.__version__}, device "
-          f"{device} ({torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads)")
-    print(f"{n} curves, {n_obs} observations, {n_windows} windows, {args.blocks} blocks, "
-          f"batch {args.batch_size}\n")
-    print(f"| {'what':38s} | {'seconds':>8s} | {'curves/s':>9s} |")
-    print(f"|{'-' * 40}|{'-' * 10}|{'-' * 11}|")
-    for name, s, r in rows:
-        print(f"| {name:38s} | {s:8.2f} | {r:9.1f} |")
+    n = summaries[default].curves_in
+    rows = [(name, sec, n / sec, n_windows / sec) for name, sec in best.items()]
+    rows.append((f"naive per-curve loop ({nv_curves} curves)", nv, nv_curves / nv, NAN))
+    denominators = {k: best[f"model only, PyTorch {k} + SDPA"] for k in ("fp32", "bf16")}
+    tm = summaries[default].timings
+    print(f"\nastromer_fast {astromer_fast.__version__}, torch {torch.__version__}, {device}: "
+          f"{machine(device)}, {torch.get_num_threads()} threads")
+    print(f"{args.data}: {n} curves, {n_obs} observations, {n_windows} windows, batch "
+          f"{args.batch_size}; default precision {default}\n")
+    print(f"| {'what':46s} | {'seconds':>8s} | {'curves/s':>9s} | {'windows/s':>9s} | "
+          f"{'vs PyTorch bf16':>15s} | {'vs PyTorch fp32':>15s} |")
+    print("|" + "|".join("-" * w for w in (48, 10, 11, 11, 17, 17)) + "|")
+    for name, sec, rate, wrate in rows:
+        vs = [d / sec if "naive" not in name else NAN for d in
+              (denominators["bf16"], denominators["fp32"])]
+        extra = f"  (first pass {first[name]:.1f} s)" if "compile" in name else ""
+        print(f"| {name:46s} | {sec:8.2f} | {rate:9.1f} | {wrate:9.1f} | {vs[0]:15.2f} | "
+              f"{vs[1]:15.2f} |{extra}")
+    mo = best[f"model only, astromer_fast {default}"]
+    e2e = best[f"pipeline (Parquet -> Parquet), {default}"]
     print(f"\npipeline / model-only throughput: {mo / e2e:.1%} (overhead "
-          f"{(e2e - mo) / mo:+.1%} of model time); pipeline / naive: {(n / e2e) / (nv_curves / nv):.1f}x")
+          f"{(e2e - mo) / mo:+.1%} of model time); pipeline / naive: "
+          f"{(n / e2e) / (nv_curves / nv):.1f}x")
     order = ["read", "decode", "clean", "window", "wait (model idle)", "transfer", "model", "pool",
              "write"]
-    print("\nwhere the time goes (seconds; read..window on the worker thread, overlapped):")
+    print("\nwhere the time goes (default precision; seconds; read..window on the worker thread, "
+          "overlapped):")
     for k in order:
         if k in tm:
             print(f"  {k:18s} {tm[k]:8.2f}")
     print(f"  {'wall':18s} {e2e:8.2f}")
-    result = {"machine": platform.platform(), "device": str(device),
-              "torch_threads": torch.get_num_threads(), "curves": n, "observations": n_obs,
-              "windows": n_windows, "blocks": args.blocks, "batch_size": args.batch_size,
-              "pipeline_s": e2e, "pipeline_curves_per_s": n / e2e, "model_only_s": mo,
-              "model_only_curves_per_s": n / mo, "naive_s": nv, "naive_curves": nv_curves,
-              "naive_curves_per_s": nv_curves / nv, "pipeline_over_model_only": mo / e2e,
+    result = {"machine": machine(device), "platform": platform.platform(), "device": str(device),
+              "torch_threads": torch.get_num_threads(), "data": args.data, "curves": n,
+              "observations": n_obs, "windows": n_windows, "batch_size": args.batch_size,
+              "default_precision": default,
+              "rows": [dict(what=a, seconds=b, curves_per_s=c, windows_per_s=d)
+                       for a, b, c, d in rows],
+              "pipeline_over_model_only": mo / e2e,
+              "pipeline_over_pytorch_bf16_sdpa": denominators["bf16"] / e2e,
+              "pipeline_over_pytorch_fp32_sdpa": denominators["fp32"] / e2e,
               "pipeline_over_naive": (n / e2e) / (nv_curves / nv), "breakdown_s": tm}
     Path(args.json).write_text(json.dumps(result, indent=2))
     print(f"\nwrote {args.json}")

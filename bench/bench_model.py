@@ -1,102 +1,211 @@
-"""Whole-model throughput, every variant side by side in one run: windows/s for the embedding
-forward and for a training step (forward + official loss + backward + Adam), with ratios to the
-plain PyTorch reference in fp32.
+"""Whole-model throughput against PyTorch done right, every variant side by side in one run:
+windows/s for the embedding forward (window means included) and for a training step (forward,
+official loss, backward, Adam), with ratios and each variant's cosine to float32.
 
-    python bench/bench_model.py                       # CPU: small sizes
-    python bench/bench_model.py --device cuda --windows 4096 --json out.json
+    python bench/bench_model.py                                  # CPU: real EROS-1 windows
+    python bench/bench_model.py --data random --windows 512      # CPU: 200-padded windows
+    python bench/bench_model.py --device cuda --data random --windows 4096 --compile
 
-Variants:
-  * reference eager fp32 (torch backend: explicit softmax attention, plain-PyTorch embedding/loss);
-  * reference eager bf16 autocast with SDPA and the key mask;
-  * torch.compile of the reference (bf16 autocast + SDPA on CUDA, fp32 on the CPU): its compile
-    time (and first calls) is reported separately and bounded by --compile-timeout; default on
-    CUDA only (--compile / --no-compile); with --compile, also this package's model compiled
-    (its custom ops stay opaque in the graph: attention triton on CUDA, C++ ops on the CPU);
-  * this package's model with each kernel backend (cuda, triton / cpu), fp32 and bf16 autocast.
-Inputs: random times, magnitudes and errors, random padding lengths, half of the valid
-observations probed. Timing: each variant is built (and compiled) once, then every variant is
-timed in turn in each of --rounds rounds (median of --repeats calls after a warm-up, CUDA events on
-CUDA); a row is the median over rounds, so a load that drifts during the run affects every row
-alike. A variant that raises gets a row with its error; the others still run.
+The standard ("PyTorch done right"): the plain model with SDPA and the key mask, windows sorted by
+length and every batch cut to its longest window, in float32 and under bf16 autocast, and
+``torch.compile`` of both (``--compile``). Every variant gets exactly the same batches. The plain
+model with its explicit softmax in float32 stays in the table for continuity.
+
+Data (``--data``): ``eros`` real EROS-1 windows (both bands, ``../shared/data/eros1.parquet``,
+cleaned and windowed as ``embed`` does; ``--windows`` of them drawn at random) or ``random``
+(``--length`` = 200 slots, random padding from 1/4 full to full). Weights: the packaged model.
+Training uses half of the valid observations as probed, as pretraining does.
+
+Accuracy: ``min cos`` is the smallest cosine, over all windows, between a variant's window
+embeddings and those of PyTorch float32 + SDPA.
+
+Timing: every variant is built (and compiled) once, then timed in turn in each of ``--rounds``
+rounds (median of ``--repeats`` passes over the data after a warm-up); a row is the median over
+rounds, so a load that drifts during the run affects every row alike. A variant that raises gets
+a row with its error; the others still run.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import math
 import platform
 import re
 import statistics
+import sys
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 
-from astromer_fast import Astromer, AstromerConfig
-from astromer_fast.kernels import available_backends, backends
+import astromer_fast
+from astromer_fast.model import masked_mean
 from astromer_fast.training import weighted_rmse
 
 from _timing import environ, failure_text, time_limit, timed_median
 
-SDPA_BF16 = "reference eager bf16 SDPA + key mask"
-
 NAN = float("nan")
+BF16_SDPA = "PyTorch bf16 + SDPA"
+FP32_SDPA = "PyTorch fp32 + SDPA"
 
 
-def make_batch(n, L, device, seed=0):
+# -------------------------------------------------------------------------------------------------
+# Data: windows sorted by decreasing length, cut into batches at their longest
+# -------------------------------------------------------------------------------------------------
+def shared_data_dir() -> Path:
+    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def eros_windows(n: int, seed: int = 0):
+    import pyarrow.parquet as pq
+
+    from astromer_fast.data.layouts import detect_layout
+    from astromer_fast.embedding.stream import prepare
+
+    path = shared_data_dir() / "eros1.parquet"
+    if not path.is_file():
+        sys.exit(f"--data eros needs {path} (or use --data random)")
+    table = pq.read_table(path, columns=["id", "band", "lightcurve"]).combine_chunks()
+    chunk = prepare(table.to_batches(max_chunksize=table.num_rows)[0], detect_layout(table.schema),
+                    window=200, window_mode="overlap", min_obs=5)
+    total = chunk.n_windows
+    pick = np.sort(np.random.default_rng(seed).choice(total, min(n, total), replace=False))
+    t, m, valid = (chunk.tensors[k][pick] for k in ("t", "m", "valid"))
+    return t, m, valid
+
+
+def random_windows(n: int, length: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    n_valid = torch.randint(max(1, L // 4), L + 1, (n,), generator=g)  # random padding
-    valid = torch.arange(L)[None] < n_valid[:, None]
-    t = torch.sort(torch.rand(n, L, generator=g) * 1000 - 500, 1).values * valid
-    m = torch.randn(n, L, generator=g) * valid
-    err = (torch.rand(n, L, generator=g) * 0.1 + 0.01) * valid
-    probed = valid & (torch.rand(n, L, generator=g) < 0.5)
-    return [x.to(device) for x in (t, m, valid, err, probed)]
+    n_valid = torch.randint(max(1, length // 4), length + 1, (n,), generator=g)
+    valid = torch.arange(length)[None] < n_valid[:, None]
+    t = torch.sort(torch.rand(n, length, generator=g) * 1000 - 500, 1).values * valid
+    m = torch.randn(n, length, generator=g) * 0.3 * valid
+    return t, m, valid
 
 
+def make_data(args, device):
+    t, m, valid = eros_windows(args.windows) if args.data == "eros" else \
+        random_windows(args.windows, args.length)
+    order = torch.argsort(valid.sum(1), descending=True, stable=True)
+    t, m, valid = t[order], m[order], valid[order]
+    g = torch.Generator().manual_seed(1)
+    err = (torch.rand(t.shape, generator=g) * 0.1 + 0.01) * valid
+    probed = valid & (torch.rand(t.shape, generator=g) < 0.5)
+    n = valid.sum(1)
+    batches = []
+    for s in range(0, len(n), args.batch):
+        e = min(s + args.batch, len(n))
+        width = max(int(n[s]), 1)
+        batches.append(tuple(x[s:e, :width].contiguous().to(device)
+                             for x in (t, m, valid, err, probed)))
+    return batches, int(n.sum())
+
+
+# -------------------------------------------------------------------------------------------------
+# Variants
+# -------------------------------------------------------------------------------------------------
 def variants(device, compile_ref):
-    """(name, model kwargs, autocast dtype or None, compiled[, setup]); setup may override
-    per-op defaults (``defaults``) and environment variables (``env``) while the variant runs."""
+    """(name, builder[, setup]) tuples; a builder takes the packaged model and the device and
+    returns (embed, train) closures over one batch; setup as ``_setup`` takes it."""
     cuda = device.type == "cuda"
-    out = [("reference eager fp32", dict(backend="torch"), None, False),
-           (SDPA_BF16, dict(backend="torch", use_sdpa=True), torch.bfloat16, False)]
+    out = [("PyTorch fp32, explicit softmax", ref_variant("fp32", sdpa=False)),
+           (FP32_SDPA, ref_variant("fp32", sdpa=True)),
+           (BF16_SDPA, ref_variant("bf16", sdpa=True))]
     if compile_ref:
-        if cuda:
-            out.append(("reference torch.compile bf16 SDPA", dict(backend="torch", use_sdpa=True),
-                        torch.bfloat16, True))
-        else:
-            out.append(("reference torch.compile fp32", dict(backend="torch"), None, True))
-    # What a user gets without choosing (on CUDA: backends.CUDA_DEFAULTS).
-    out.append(("astromer_fast defaults bf16 autocast" if cuda else "astromer_fast defaults fp32",
-                dict(backend=None), torch.bfloat16 if cuda else None, False))
+        out += [("torch.compile fp32 + SDPA", ref_variant("fp32", sdpa=True, compiled=True)),
+                ("torch.compile bf16 + SDPA", ref_variant("bf16", sdpa=True, compiled=True))]
     if cuda:
-        # Candidates for the attention default, with the other ops on their defaults: Triton's
-        # tl.dot kernels and the CUDA tensor-core (WMMA) kernels, both on tensor cores in bf16.
-        out.append(("defaults, attention triton, bf16", dict(backend=None), torch.bfloat16, False,
-                    dict(defaults={"masked_attention": "triton"})))
-        out.append(("defaults, attention cuda tc, bf16", dict(backend=None), torch.bfloat16, False,
-                    dict(defaults={"masked_attention": "cuda"},
-                         env={"ASTROMER_FAST_CUDA_ATTENTION": "tensor_cores"})))
-        if compile_ref:
-            # Our custom ops inside a compiled graph: inductor fuses the norms, activations and
-            # residuals around them (the reference's compile gain), the ops stay ours.
-            out.append(("defaults, attention triton, compiled bf16", dict(backend=None),
-                        torch.bfloat16, True, dict(defaults={"masked_attention": "triton"})))
-    if compile_ref and not cuda:
-        # Our C++ custom ops inside a compiled graph: what compiling buys on top of the kernels.
-        out.append(("astromer_fast defaults, compiled fp32", dict(backend=None), None, True))
-    for b in available_backends(device):
-        if b == "torch" or (b == "triton" and not cuda):
-            continue
-        out.append((f"fused {b} fp32", dict(backend=b), None, False))
-        out.append((f"fused {b} bf16 autocast", dict(backend=b), torch.bfloat16, False))
+        # Candidates for the attention default, the other ops on their defaults: Triton's tl.dot
+        # kernels and the CUDA tensor-core (WMMA) kernels, both bf16 on tensor cores.
+        out += [("astromer_fast defaults, bf16", ours_plain_variant("bf16")),
+                ("astromer_fast defaults, attention triton, bf16", ours_plain_variant("bf16"),
+                 dict(defaults={"masked_attention": "triton"})),
+                ("astromer_fast defaults, attention cuda tc, bf16", ours_plain_variant("bf16"),
+                 dict(defaults={"masked_attention": "cuda"},
+                      env={"ASTROMER_FAST_CUDA_ATTENTION": "tensor_cores"}))]
+    else:
+        from astromer_fast.model.fused_cpu import resolve_precision
+
+        default = resolve_precision()
+        out += [("astromer_fast C++ ops, fp32 (plain model)", ours_plain_variant("fp32")),
+                ("astromer_fast fused fp32", fused_variant("fp32")),
+                ("astromer_fast fused bf16", fused_variant("bf16"))]
+        out = [(v[0] + (" (default)" if v[0] == f"astromer_fast fused {default}" else ""),
+                *v[1:]) for v in out]
     return out
+
+
+def _autocast(device, precision):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def _train_step(model, opt, forward, batch):
+    t, m, valid, err, probed = batch
+    model.train()
+    pred = forward(t, m, ~valid | probed)
+    loss = weighted_rmse(pred.float(), m, err, probed, valid)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def _adam(model):
+    return torch.optim.Adam(model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-9)
+
+
+def ref_variant(precision, sdpa, compiled=False):
+    def build(model, device):
+        emb_model, train_model = copy.deepcopy(model).eval(), copy.deepcopy(model)
+        kw = dict(backend="torch", use_sdpa=sdpa)
+        encode = emb_model.encode
+        forward = train_model
+        if compiled:
+            encode = torch.compile(emb_model.encode)
+            forward = torch.compile(train_model)
+        opt = _adam(train_model)
+
+        def embed(t, m, valid):
+            with torch.no_grad(), _autocast(device, precision):
+                out = encode(t, m, ~valid, **kw).last
+            return masked_mean(out.float(), valid)
+
+        def fwd(t, m, hidden):
+            with _autocast(device, precision):
+                return forward(t, m, hidden, **kw)
+
+        return embed, lambda b: _train_step(train_model, opt, fwd, b)
+    return build
+
+
+def ours_plain_variant(precision):
+    """The plain model with this package's custom ops (the default kernels of each device)."""
+    def build(model, device):
+        emb_model, train_model = copy.deepcopy(model).eval(), copy.deepcopy(model)
+        opt = _adam(train_model)
+
+        def embed(t, m, valid):
+            with torch.no_grad(), _autocast(device, precision):
+                out = emb_model.encode(t, m, ~valid).last
+            return masked_mean(out.float(), valid)
+
+        def fwd(t, m, hidden):
+            with _autocast(device, precision):
+                return train_model(t, m, hidden)
+
+        return embed, lambda b: _train_step(train_model, opt, fwd, b)
+    return build
 
 
 @contextlib.contextmanager
 def _setup(defaults=None, env=None):
-    """Per-op defaults (backends.CUDA_DEFAULTS) and environment variables, restored afterwards."""
+    """Per-op CUDA defaults (backends.CUDA_DEFAULTS) and environment variables for one variant,
+    restored afterwards: they hold while it is built and while it is timed."""
+    from astromer_fast.kernels import backends
+
     saved = dict(backends.CUDA_DEFAULTS)
     backends.CUDA_DEFAULTS.update(defaults or {})
     try:
@@ -107,163 +216,153 @@ def _setup(defaults=None, env=None):
         backends.CUDA_DEFAULTS.update(saved)
 
 
-class Variant:
-    """One row of the table: its model and closures, built (and compiled) once, then timed in
-    every round, so that all variants are timed side by side under the same machine load."""
+def fused_variant(precision):
+    def build(model, device):
+        from astromer_fast.model.fused_cpu import FusedCpuEncoder
 
-    def __init__(self, name, kw, amp, compiled, data, args, device, setup=None):
-        self.name, self.setup, self.args, self.device = name, setup or {}, args, device
-        self.row = dict(variant=name, embed_s=NAN, train_s=NAN, compile_s=NAN, error=None)
+        enc = FusedCpuEncoder(copy.deepcopy(model).eval(), precision)
+        train_model = copy.deepcopy(model)
+        opt = _adam(train_model)
+        return (lambda t, m, valid: enc(t, m, valid),
+                lambda b: _train_step(train_model, opt,
+                                      lambda t, m, h: train_model(t, m, h, cpu_fused=precision),
+                                      b))
+    return build
+
+
+class Variant:
+    def __init__(self, name, build, model, batches, args, device, reference=None, setup=None):
+        self.name, self.args, self.device, self.batches = name, args, device, batches
+        self.setup = setup or {}
+        self.row = dict(variant=name, embed_s=NAN, train_s=NAN, compile_s=NAN, min_cos=NAN,
+                        error=None)
         self.samples = {"embed": [], "train": []}
-        self.fns = None
+        self.embed = self.train = None
         try:
-            with _setup(**self.setup):
-                self.fns = self._build(kw, amp, compiled, data)
+            t0 = time.perf_counter()
+            with _setup(**self.setup), \
+                    time_limit(args.compile_timeout if "compile" in name else None):
+                self.embed, self.train = build(model, device)
+                self.outputs = self.embed_all()  # first calls: compilation, caches
+                if not args.no_train:
+                    for b in batches:
+                        self.train(b)
+                self._sync()
+            if "compile" in name:
+                self.row["compile_s"] = time.perf_counter() - t0
+            if reference is not None:
+                cos = torch.nn.functional.cosine_similarity(self.outputs.float(), reference,
+                                                            dim=-1)
+                self.row["min_cos"] = float(cos.min())
         except Exception as exc:  # noqa: BLE001  (recorded; the other variants still run)
             self.row["error"] = failure_text(exc)
 
-    def _build(self, kw, amp, compiled, data):
-        args, device = self.args, self.device
-        t, m, valid, err, probed = data
-        hidden = ~valid
-        torch.manual_seed(0)
-        model = Astromer(AstromerConfig()).to(device)
-        loss_backend = kw["backend"]
-        fwd_model = torch.compile(model) if compiled else model
-        # encode() for embedding; forward() (with the regression head) for training.
-        enc = torch.compile(model.encode) if compiled else model.encode
-        ac = dict(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None)
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
-        def embed():
-            model.eval()
-            with torch.no_grad(), torch.autocast(**ac):
-                for s in range(0, args.windows, args.batch):
-                    sl = slice(s, s + args.batch)
-                    enc(t[sl], m[sl], hidden[sl], **kw)
+    def embed_all(self):
+        return torch.cat([self.embed(t, m, valid) for t, m, valid, _, _ in self.batches])
 
-        opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9)
-
-        def train():
-            model.train()
-            for s in range(0, args.windows, args.batch):
-                sl = slice(s, s + args.batch)
-                with torch.autocast(**ac):
-                    pred = fwd_model(t[sl], m[sl], hidden[sl] | probed[sl], **kw)
-                loss = weighted_rmse(pred, m[sl], err[sl], probed[sl], valid[sl],
-                                     backend=loss_backend)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-
-        t0 = time.perf_counter()
-        with time_limit(args.compile_timeout if compiled else None):
-            embed()  # first calls: compilation, allocator and kernel caches
-            if not args.no_train:
-                train()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-        if compiled:
-            self.row["compile_s"] = time.perf_counter() - t0
-        return {"embed": embed} if args.no_train else {"embed": embed, "train": train}
+    def train_all(self):
+        for b in self.batches:
+            self.train(b)
 
     def time_round(self):
-        """One round: the median of --repeats timed calls of each task, after one warm-up."""
-        if self.row["error"] or self.fns is None:
+        if self.row["error"] or self.embed is None:
             return
         try:
             with _setup(**self.setup):
-                for k, fn in self.fns.items():
-                    self.samples[k].append(timed_median(fn, self.device, self.args.repeats,
-                                                        warmup=1))
+                self.samples["embed"].append(timed_median(self.embed_all, self.device,
+                                                          self.args.repeats, warmup=1))
+                if not self.args.no_train:
+                    self.samples["train"].append(timed_median(self.train_all, self.device,
+                                                              self.args.repeats, warmup=1))
         except Exception as exc:  # noqa: BLE001
             self.row["error"] = failure_text(exc)
-        finally:
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+        n = sum(b[0].shape[0] for b in self.batches)
         for k, v in self.samples.items():
             if v:
                 self.row[f"{k}_s"] = statistics.median(v)
-            self.row[f"{k}_windows_per_s"] = (self.args.windows / self.row[f"{k}_s"]
-                                              if self.row[f"{k}_s"] > 0 else NAN)
+            self.row[f"{k}_windows_per_s"] = n / self.row[f"{k}_s"] if self.row[f"{k}_s"] > 0 \
+                else NAN
         self.row["rounds"] = len(self.samples["embed"])
 
 
-def _ratios(rows, cuda):
-    base = rows[0]
-    # The issue's GPU goals are ratios to eager bf16 SDPA (embed >= 1.5x, train >= 1.3x).
-    sdpa = next((x for x in rows if x["variant"] == SDPA_BF16 and not x["error"]), None)
+def _ratios(rows):
+    by = {r["variant"]: r for r in rows if not r["error"]}
     for r in rows:
         for k in ("embed", "train"):
             r.setdefault(f"{k}_windows_per_s", NAN)
-            r[f"{k}_ratio"] = r[f"{k}_windows_per_s"] / base.get(f"{k}_windows_per_s", NAN)
-            if cuda and sdpa is not None:
-                r[f"{k}_vs_sdpa_bf16"] = r[f"{k}_windows_per_s"] / sdpa[f"{k}_windows_per_s"]
+            for ref, key in ((BF16_SDPA, "vs_bf16_sdpa"), (FP32_SDPA, "vs_fp32_sdpa")):
+                base = by.get(ref, {}).get(f"{k}_windows_per_s", NAN)
+                r[f"{k}_{key}"] = r[f"{k}_windows_per_s"] / base if base else NAN
 
 
-def _print_row(r):
-    name = r["variant"]
-    if r["error"]:
-        print(f"{name:38s} FAILED: {r['error']}", flush=True)
-        return
-    line = (f"{name:38s} {r['embed_windows_per_s']:12.1f} {r['embed_ratio']:7.2f} "
-            f"{r['train_windows_per_s']:12.1f} {r['train_ratio']:7.2f}")
-    if "embed_vs_sdpa_bf16" in r:
-        line += f"   vs SDPA bf16: {r['embed_vs_sdpa_bf16']:.2f} / {r['train_vs_sdpa_bf16']:.2f}"
-    if math.isfinite(r["compile_s"]):
-        line += f"  (compile + first calls {r['compile_s']:.1f} s)"
-    print(line, flush=True)
+def _print_table(rows):
+    print(f"| {'variant':44s} | {'embed win/s':>11s} | {'vs bf16':>7s} | {'vs fp32':>7s} | "
+          f"{'train win/s':>11s} | {'vs bf16':>7s} | {'vs fp32':>7s} | {'min cos':>9s} |")
+    print("|" + "|".join("-" * w for w in (46, 13, 9, 9, 13, 9, 9, 11)) + "|")
+    for r in rows:
+        if r["error"]:
+            print(f"| {r['variant']:44s} | FAILED: {r['error']}")
+            continue
+        extra = f" (compile + first calls {r['compile_s']:.0f} s)" \
+            if math.isfinite(r["compile_s"]) else ""
+        print(f"| {r['variant']:44s} | {r['embed_windows_per_s']:11.1f} | "
+              f"{r['embed_vs_bf16_sdpa']:7.2f} | {r['embed_vs_fp32_sdpa']:7.2f} | "
+              f"{r['train_windows_per_s']:11.1f} | {r['train_vs_bf16_sdpa']:7.2f} | "
+              f"{r['train_vs_fp32_sdpa']:7.2f} | {r['min_cos']:9.6f} |{extra}", flush=True)
 
 
-def _header():
-    print(f"{'variant':38s} {'embed win/s':>12s} {'ratio':>7s} {'train win/s':>12s} {'ratio':>7s}",
-          flush=True)
+def machine(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    from astromer_fast.model.fused_cpu import cpu_isa_info
+
+    info = cpu_isa_info()
+    return f"{info.get('model') or platform.processor()} ({', '.join(info.get('features', []))})"
 
 
 def run(args):
     device = torch.device(args.device)
-    cuda = device.type == "cuda"
-    data = make_batch(args.windows, args.length, device)
-    hw = torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine())
-    print(f"{args.windows} windows x {args.length} obs (random padding), batch {args.batch}, "
-          f"{device} ({hw}, {torch.get_num_threads()} threads), torch {torch.__version__}; "
-          f"median of {args.repeats} per round, {args.rounds} round(s)", flush=True)
-    _header()
-    variants_, rows = [], []
-    # Round 1 builds, times and prints each variant at once (a run cut short by an outer timeout
-    # keeps what it measured); later rounds time every variant again, in turn.
-    for name, kw, amp, compiled, *setup in variants(device, args.compile):
+    torch.manual_seed(0)
+    model = astromer_fast.load_model().to(device)
+    batches, n_obs = make_data(args, device)
+    n = sum(b[0].shape[0] for b in batches)
+    hw = machine(device)
+    print(f"{n} {args.data} windows ({n_obs} observations, batches of {args.batch} cut to their "
+          f"longest), {device}: {hw}, {torch.get_num_threads()} threads, torch "
+          f"{torch.__version__}; median of {args.repeats} per round, {args.rounds} round(s)",
+          flush=True)
+    built, rows = [], []
+    reference = None
+    for name, build, *setup in variants(device, args.compile):
         if args.skip and re.search(args.skip, name):
-            print(f"{name:38s} skipped (--skip)", flush=True)
             continue
-        v = Variant(name, kw, amp, compiled, data, args, device, *setup)
-        v.time_round()
-        if args.rounds == 1:
-            v.fns = None  # nothing more to time: free the model (and its compiled graphs)
-        variants_.append(v)
+        v = Variant(name, build, model, batches, args, device, reference, *setup)
+        if name == FP32_SDPA and not v.row["error"]:
+            reference = v.outputs.float()
+            v.row["min_cos"] = 1.0
+        built.append(v)
         rows.append(v.row)
-        _ratios(rows, cuda)
-        _print_row(v.row)
-        _dump(args, device, hw, rows)
-    if args.rounds > 1:
-        for _ in range(args.rounds - 1):
-            for v in variants_:
-                v.time_round()
-            _ratios(rows, cuda)
-            _dump(args, device, hw, rows)
-        print(f"median over {args.rounds} rounds:", flush=True)
-        _header()
-        for r in rows:
-            _print_row(r)
-    _dump(args, device, hw, rows)
+        print(f"built {name}" + (f": FAILED {v.row['error']}" if v.row["error"] else ""),
+              flush=True)
+    for r in range(args.rounds):
+        for v in built:
+            v.time_round()
+        _ratios(rows)
+        _dump(args, device, hw, n, n_obs, rows)
+    print(f"\nmedian over {args.rounds} rounds; ratios to {BF16_SDPA} and {FP32_SDPA}:")
+    _print_table(rows)
     return rows
 
 
-def _dump(args, device, hw, rows):
-    """Rewritten after every variant: a run stopped by an outer timeout keeps what it measured."""
+def _dump(args, device, hw, n, n_obs, rows):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=str(device), hardware=hw, threads=torch.get_num_threads(),
-                           windows=args.windows, length=args.length, batch=args.batch,
+                           data=args.data, windows=n, observations=n_obs, batch=args.batch,
                            repeats=args.repeats, rounds=args.rounds, torch=torch.__version__,
                            rows=rows), f, indent=2)
 
@@ -271,26 +370,30 @@ def _dump(args, device, hw, rows):
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--data", choices=["eros", "random"], default=None,
+                   help="real EROS-1 windows (default when ../shared/data is there) or random "
+                   "padding of --length slots")
     p.add_argument("--windows", type=int, default=None)
     p.add_argument("--length", type=int, default=200)
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None,
-                   help="timed calls per round (median; default 5 CUDA, 1 CPU)")
+                   help="timed passes per round (median; default 5 CUDA, 1 CPU)")
     p.add_argument("--rounds", type=int, default=None,
-                   help="rounds, each timing every variant in turn; a row is the median over "
-                        "rounds (default 1 CUDA, 5 CPU, where other load drifts more)")
+                   help="rounds, each timing every variant in turn (default 1 CUDA, 3 CPU)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="also time torch.compile of the reference (default: on CUDA only)")
-    p.add_argument("--compile-timeout", type=float, default=180.0,
-                   help="seconds allowed for compiling (and first calls of) the compiled variant")
+    p.add_argument("--compile-timeout", type=float, default=300.0,
+                   help="seconds allowed for compiling (and first calls of) a compiled variant")
     p.add_argument("--no-train", action="store_true")
     p.add_argument("--skip", default=None, help="regex: skip variants whose name matches")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     cuda = a.device.startswith("cuda")
-    a.windows = a.windows or (4096 if cuda else 64)
+    if a.data is None:
+        a.data = "eros" if (shared_data_dir() / "eros1.parquet").is_file() else "random"
+    a.windows = a.windows or (4096 if cuda else 768)
     a.batch = a.batch or (1024 if cuda else 32)
     a.repeats = a.repeats or (5 if cuda else 1)
-    a.rounds = a.rounds or (1 if cuda else 5)
+    a.rounds = a.rounds or (1 if cuda else 3)
     a.compile = cuda if a.compile is None else a.compile
     run(a)

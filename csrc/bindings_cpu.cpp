@@ -95,7 +95,8 @@ void residual_layernorm(std::uintptr_t x, std::int64_t ld_x, std::uintptr_t bias
                         std::int64_t dim, bool bf16, std::uintptr_t out, std::int64_t ld_out,
                         std::uintptr_t valid, std::int64_t window_rows, std::uintptr_t pooled,
                         std::int64_t ld_pooled, int num_threads, double dropout_keep,
-                        std::uint64_t dropout_seed, std::uintptr_t xhat, std::uintptr_t rstd) {
+                        std::uint64_t dropout_seed, std::uintptr_t xhat, std::uintptr_t rstd,
+                        std::uintptr_t row_offsets, std::int64_t windows) {
   cpu::ResidualLayerNormArgs a;
   set_ptr(a.x, x);
   a.ld_x = ld_x;
@@ -119,6 +120,8 @@ void residual_layernorm(std::uintptr_t x, std::int64_t ld_x, std::uintptr_t bias
   a.dropout_seed = dropout_seed;
   set_ptr(a.xhat, xhat);
   set_ptr(a.rstd, rstd);
+  set_ptr(a.row_offsets, row_offsets);
+  a.windows = windows;
   cpu::residual_layernorm(a, num_threads);
 }
 
@@ -188,7 +191,7 @@ void block_attention(std::uintptr_t qkv, std::int64_t ld_qkv, std::uintptr_t bia
                      std::uintptr_t hidden, std::int64_t batch, std::int64_t length,
                      std::int64_t heads, std::int64_t head_dim, int rule, double scale,
                      bool skip_hidden_queries, bool bf16, std::uintptr_t out, std::int64_t ld_out,
-                     int num_threads, std::uintptr_t lse) {
+                     int num_threads, std::uintptr_t lse, std::uintptr_t row_offsets) {
   cpu::BlockAttentionArgs a;
   set_ptr(a.qkv, qkv);
   a.ld_qkv = ld_qkv;
@@ -205,6 +208,7 @@ void block_attention(std::uintptr_t qkv, std::int64_t ld_qkv, std::uintptr_t bia
   set_ptr(a.out, out);
   a.ld_out = ld_out;
   set_ptr(a.lse, lse);
+  set_ptr(a.row_offsets, row_offsets);
   cpu::block_attention(a, num_threads);
 }
 
@@ -328,7 +332,8 @@ PYBIND11_MODULE(_C, mod) {
           py::arg("dim"), py::arg("bf16"), py::arg("out"), py::arg("ld_out"), py::arg("valid") = 0,
           py::arg("window_rows") = 0, py::arg("pooled") = 0, py::arg("ld_pooled") = 0,
           py::arg("num_threads") = 1, py::arg("dropout_keep") = 1.0, py::arg("dropout_seed") = 0,
-          py::arg("xhat") = 0, py::arg("rstd") = 0, py::call_guard<py::gil_scoped_release>());
+          py::arg("xhat") = 0, py::arg("rstd") = 0, py::arg("row_offsets") = 0,
+          py::arg("windows") = 0, py::call_guard<py::gil_scoped_release>());
   mod.def("residual_layernorm_backward", &residual_layernorm_backward,
           "Backward of residual_layernorm from dy, xhat and rstd: d_x (dropout applied), d_res, "
           "and per-64-row partial sums [blocks, 4, dim] of d gamma, d beta, d bias_x, d bias_res.",
@@ -351,12 +356,13 @@ PYBIND11_MODULE(_C, mod) {
           py::call_guard<py::gil_scoped_release>());
   mod.def("block_attention", &block_attention,
           "Masked attention of a fused (B*L, >= 3*H*hd) q|k|v projection plus biases, heads side "
-          "by side in out (B*L, H*hd); rule 0 = key, 1 = query_or_key_plus1.",
+          "by side in out (B*L, H*hd); rule 0 = key, 1 = query_or_key_plus1. row_offsets (int64 "
+          "[B+1]): packed windows instead of B*L rows with hidden flags (rule key).",
           py::arg("qkv"), py::arg("ld_qkv"), py::arg("bias"), py::arg("hidden"), py::arg("batch"),
           py::arg("length"), py::arg("heads"), py::arg("head_dim"), py::arg("rule"),
           py::arg("scale"), py::arg("skip_hidden_queries"), py::arg("bf16"), py::arg("out"),
           py::arg("ld_out"), py::arg("num_threads") = 1, py::arg("lse") = 0,
-          py::call_guard<py::gil_scoped_release>());
+          py::arg("row_offsets") = 0, py::call_guard<py::gil_scoped_release>());
   mod.def("block_attention_backward", &block_attention_backward,
           "dq, dk, dv (into dqkv, laid out as qkv) of block_attention from out, lse and dout; "
           "bias_partials [B, 3*H*hd]: per-window sums of dqkv (0 = not wanted).",

@@ -459,3 +459,50 @@ def test_trainer_takes_the_fused_path_on_the_cpu_unless_asked_not_to():
     assert not uses_cpu_fused(odd, TrainSettings(), "cpu")
     assert uses_bf16(TrainSettings(bf16=True), "cpu")
     assert uses_bf16(TrainSettings(), "cpu") == (resolve_precision() == "bf16")
+
+
+def test_packed_windows_with_holes_match_the_model():
+    """Under rule key the encoder packs the valid observations of each window, wherever they
+    sit: a window with hidden observations in its middle (not only padding at its end) gives the
+    model's embedding."""
+    model = random_model()
+    g = torch.Generator().manual_seed(7)
+    B, L = 5, 41
+    valid = torch.rand(B, L, generator=g) < 0.7
+    valid[2] = False
+    valid[3, :] = False
+    valid[3, 17] = True  # a single valid observation
+    t = (torch.rand(B, L, generator=g) * 300 - 150) * valid
+    m = torch.randn(B, L, generator=g) * valid
+    for precision in ("fp32", "bf16"):
+        enc = FusedCpuEncoder(model, precision)
+        check(enc(t, m, valid), reference(model, t, m, valid), precision)
+        check(enc(t, m, valid, layers=True), reference(model, t, m, valid, layers=True), precision)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_attention_packed_equals_padded(isa_level, dtype):
+    ext = _ext.cpu_ext()
+    g = torch.Generator().manual_seed(8)
+    B, L, H, hd = 4, 50, 2, 32
+    D = H * hd
+    n = torch.tensor([50, 13, 0, 33])
+    valid = torch.arange(L)[None] < n[:, None]
+    padded = (torch.randn(B * L, 3 * D, generator=g) * 0.5).to(dtype)
+    bias = torch.randn(3 * D, generator=g) * 0.1
+    out_padded = torch.zeros(B * L, D, dtype=dtype)
+    hidden = (~valid).contiguous()  # named: a temporary's memory would be freed before the call
+    ext.block_attention(padded.data_ptr(), 3 * D, bias.data_ptr(), hidden.data_ptr(),
+                        B, L, H, hd, 0, 0.17, True, dtype == torch.bfloat16,
+                        out_padded.data_ptr(), D, 2)
+    packed = padded[valid.reshape(-1)].contiguous()
+    offsets = torch.zeros(B + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(n, 0)
+    out_packed = torch.full((int(n.sum()), D), 3.0, dtype=dtype)
+    ext.block_attention(packed.data_ptr(), 3 * D, bias.data_ptr(), 0, B, L, H, hd, 0, 0.17, True,
+                        dtype == torch.bfloat16, out_packed.data_ptr(), D, 2,
+                        row_offsets=offsets.data_ptr())
+    assert torch.equal(out_packed, out_padded[valid.reshape(-1)])
+    with pytest.raises(ValueError, match="rule key"):
+        ext.block_attention(packed.data_ptr(), 3 * D, 0, 0, B, L, H, hd, 1, 0.17, False, False,
+                            out_packed.data_ptr(), D, 1, row_offsets=offsets.data_ptr())

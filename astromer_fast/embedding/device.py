@@ -141,6 +141,15 @@ class WindowEncoder:
         return emb, None, win_np, None
 
 
+def embedding_precision(device: torch.device, precision: str | None = None) -> str:
+    """The precision ``embed`` runs in on ``device`` when asked for ``precision``."""
+    from astromer_fast.model.fused_cpu import resolve_precision
+
+    if device.type != "cpu":
+        return "fp32" if precision == "fp32" else "bf16"
+    return resolve_precision(precision)
+
+
 def _choose_engine(model, device: torch.device, precision: str | None):
     """(precision, fused CPU encoder or None). On the CPU the fused encoder runs whenever the
     model's shape allows it (else the plain model, under bf16 autocast for ``bf16``); on CUDA the

@@ -110,11 +110,15 @@ class ArrayCache:
         self.path.with_suffix(".json").write_text(json.dumps(self.desc, indent=2) + "\n")
 
 
-def embedding_cache(directory, model, *, preprocessing: dict) -> ArrayCache:
-    """The cache of one model's per-curve layer stacks under one preprocessing."""
+def embedding_cache(directory, model, *, preprocessing: dict, device=None,
+                    precision: str | None = None) -> ArrayCache:
+    """The cache of one model's per-curve layer stacks under one preprocessing and precision."""
+    from astromer_fast.embedding.device import embedding_precision
+
     fp = model_fingerprint(model)
     desc = {"what": "per-curve layer stacks (n_blocks + 1, d_model)", "model": model.config.name,
-            "weights": fp, "preprocessing": preprocessing}
+            "weights": fp, "preprocessing": preprocessing,
+            "precision": embedding_precision(resolve_device(device), precision)}
     digest = hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:10]
     return ArrayCache(directory, f"emb-{model.config.name}-{fp[:8]}-{digest}",
                       (model.config.n_blocks + 1, model.config.d_model), desc)

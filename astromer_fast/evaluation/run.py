@@ -340,7 +340,8 @@ def evaluate(source, label_col: str = "label", *, models=(None,), out=None,
         for e in encoders:
             t0 = time.perf_counter()
             cache = (embedding_cache(cache_dir, e.model, preprocessing={**prep,
-                     "window": e.model.config.window}) if cache_dir is not None else None)
+                     "window": e.model.config.window}, device=embed_kw.get("device"))
+                     if cache_dir is not None else None)
             per_curve = np.full((len(ds.curves), e.model.config.n_blocks + 1,
                                  e.model.config.d_model), np.nan, np.float32)
             vals, _ = cached_layers(e.model, ds.curves.take(needed_curves),

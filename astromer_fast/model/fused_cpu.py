@@ -17,8 +17,10 @@ CPU has native bfloat16 arithmetic (AVX-512 BF16 or AMX), else ``fp32``; ``preci
 ``$ASTROMER_FAST_PRECISION`` chooses. ``bench/RESULTS.md`` gives each mode's speed and its cosine
 to float32 on real curves.
 
-Only the window means come out (the embedding, or every layer's for the paper's classifier): rows
-of padding are never computed as queries, which is exact because no visible row reads them.
+Only the window means come out (the embedding, or every layer's for the paper's classifier). Under
+Astromer 2's mask rule a hidden key gets exactly zero weight, so the windows are packed: only
+their valid observations are stored, projected and attended to, wherever padding sits. (Astromer 1's
+rule gives hidden keys weight, so its windows keep their padding rows.)
 """
 
 from __future__ import annotations
@@ -154,32 +156,54 @@ class FusedCpuEncoder:
             raise ValueError(f"the fused CPU encoder takes CPU tensors, got {t.device}")
         cfg, ext, bf16 = self.config, self.ext, self.dtype == torch.bfloat16
         B, L = t.shape
-        N, D, dff, H = B * L, cfg.d_model, cfg.dff, cfg.n_heads
+        D, dff, H = cfg.d_model, cfg.dff, cfg.n_heads
         n_out = cfg.n_blocks + 1 if layers else 1
         pooled = torch.zeros(B, n_out, D, dtype=torch.float32)
-        if N == 0:
+        if B * L == 0:
             return pooled if layers else pooled[:, 0]
         nt = max(1, torch.get_num_threads())
-        t = t.contiguous().float()
-        m = m.contiguous().float()
+        rule = _RULE_ID[cfg.mask_rule]
+        packed = rule == 0
         valid = valid.contiguous()
-        hidden = (~valid).contiguous()
+        if packed:  # valid observations only, window after window
+            counts = valid.sum(1)
+            offsets = torch.zeros(B + 1, dtype=torch.int64)
+            torch.cumsum(counts, 0, out=offsets[1:])
+            t = t.float()[valid].contiguous()
+            m = m.float()[valid].contiguous()
+            N, L = int(offsets[-1]), max(int(counts.max()), 1)
+            hidden = None
+            if N == 0:  # nothing valid anywhere: every window's mean is zero
+                return pooled if layers else pooled[:, 0]
+        else:
+            t = t.contiguous().float()
+            m = m.contiguous().float()
+            N = B * L
+            hidden = (~valid).contiguous()
         ws = self._workspace(N)
         x, y, o, z, a, u = (ws[k] for k in ("x", "y", "o", "z", "a", "u"))
         ptr, es = _ext.ptr, x.element_size()
         ext.input_embedding_forward(
             t.data_ptr(), m.data_ptr(), ptr(hidden) if self.token is not None else 0,
-            self.mag_w.data_ptr(), self.mag_b.data_ptr(), ptr(self.token), float(cfg.pe_base),
-            N, D, 0 if bf16 else x.data_ptr(), nt, out_bf16=x.data_ptr() if bf16 else 0)
+            self.mag_w.data_ptr(), self.mag_b.data_ptr(), ptr(self.token), float(cfg.pe_base), N,
+            D, 0 if bf16 else x.data_ptr(), nt, out_bf16=x.data_ptr() if bf16 else 0)
         if layers:
-            w = valid.to(torch.float32).unsqueeze(-1)
-            pooled[:, 0] = (x.view(B, L, D).float() * w).sum(1) / w.sum(1).clamp_min(1)
-        rule = _RULE_ID[cfg.mask_rule]
+            if packed:
+                win = torch.repeat_interleave(torch.arange(B), counts)
+                sums = torch.zeros(B, D).index_add_(0, win, x[:N].float())
+                pooled[:, 0] = sums / counts.clamp_min(1).unsqueeze(-1)
+            else:
+                w = valid.to(torch.float32).unsqueeze(-1)
+                pooled[:, 0] = (x.view(B, L, D).float() * w).sum(1) / w.sum(1).clamp_min(1)
+        # Pooling: packed windows by their row offsets, padded ones by their valid flags.
+        pool_kw = (dict(row_offsets=offsets.data_ptr(), windows=B) if packed
+                   else dict(valid=valid.data_ptr(), window_rows=L))
         scale = 1.0 / math.sqrt(D // H)
         for i, blk in enumerate(self.blocks):
             torch.mm(x, blk.w_in, out=y)
-            ext.block_attention(y.data_ptr(), y.stride(0), blk.b_qkv.data_ptr(), hidden.data_ptr(),
-                                B, L, H, D // H, rule, scale, rule == 0, bf16, o.data_ptr(), D, nt)
+            ext.block_attention(y.data_ptr(), y.stride(0), blk.b_qkv.data_ptr(), ptr(hidden),
+                                B, L, H, D // H, rule, scale, rule == 0, bf16, o.data_ptr(), D, nt,
+                                row_offsets=offsets.data_ptr() if packed else 0)
             torch.mm(o, blk.w_o, out=z)
             res1 = y.data_ptr() + 3 * D * es if self.leak else 0
             ext.residual_layernorm(z.data_ptr(), D, blk.b_o.data_ptr(), res1, y.stride(0),
@@ -195,9 +219,9 @@ class FusedCpuEncoder:
             ext.residual_layernorm(z.data_ptr(), D, blk.b_f2.data_ptr(), res2, u.stride(0),
                                    ptr(blk.b_leak2), blk.ln2[0].data_ptr(), blk.ln2[1].data_ptr(),
                                    cfg.ln_eps, N, D, bf16, x.data_ptr(), D,
-                                   valid.data_ptr() if pool else 0, L if pool else 0,
-                                   pooled.data_ptr() + slot * D * 4 if pool else 0,
-                                   n_out * D, nt)
+                                   pooled=pooled.data_ptr() + slot * D * 4 if pool else 0,
+                                   ld_pooled=n_out * D, num_threads=nt,
+                                   **(pool_kw if pool else {}))
         return pooled if layers else pooled[:, 0]
 
 

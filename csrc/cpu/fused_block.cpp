@@ -133,9 +133,10 @@ struct DropoutMask {
 // ---------------------------------------------------------------------------------------------
 // Residual + LayerNorm (+ window means)
 // ---------------------------------------------------------------------------------------------
+// Rows [r0, r1); with pool, they are window w, whose mean goes to a.pooled.
 template <class T>
 AF_INLINE void layernorm_rows(const ResidualLayerNormArgs& a, std::int64_t r0, std::int64_t r1,
-                              float* tmp, float* pool) {
+                              float* tmp, float* pool, std::int64_t w) {
   const T* x = static_cast<const T*>(a.x);
   const T* res = static_cast<const T*>(a.res);
   T* out = static_cast<T*>(a.out);
@@ -153,14 +154,14 @@ AF_INLINE void layernorm_rows(const ResidualLayerNormArgs& a, std::int64_t r0, s
       storev(tmp + c, v);
       sum += v;
     }
-    const float mean = hsum(sum) / static_cast<float>(D);
+    const float mean = reduce_add(sum) / static_cast<float>(D);
     vf sq = {};
     for (std::int64_t c = 0; c < D; c += W) {
       const vf d = loadv(tmp + c) - mean;
       sq += d * d;
     }
-    const float rstd = 1.0f / std::sqrt(hsum(sq) / static_cast<float>(D) + a.eps);
-    const bool pooled = pool && a.valid[r] != 0;
+    const float rstd = 1.0f / std::sqrt(reduce_add(sq) / static_cast<float>(D) + a.eps);
+    const bool pooled = pool && (a.valid == nullptr || a.valid[r] != 0);
     n_valid += pooled;
     if (a.rstd) a.rstd[r] = rstd;
     for (std::int64_t c = 0; c < D; c += W) {
@@ -173,7 +174,7 @@ AF_INLINE void layernorm_rows(const ResidualLayerNormArgs& a, std::int64_t r0, s
   }
   if (pool) {
     const float inv = 1.0f / static_cast<float>(n_valid > 0 ? n_valid : 1);
-    float* dst = a.pooled + (r0 / a.window_rows) * a.ld_pooled;
+    float* dst = a.pooled + w * a.ld_pooled;
     for (std::int64_t c = 0; c < D; c += W) storev(dst + c, loadv(pool + c) * inv);
   }
 }
@@ -212,7 +213,7 @@ AF_INLINE void layernorm_backward_rows(const ResidualLayerNormBackwardArgs& a, s
       storev(dgamma + c, loadv(dgamma + c) + d * x);
       storev(dbeta + c, loadv(dbeta + c) + d);
     }
-    const float mg = hsum(sg) / static_cast<float>(D), mgx = hsum(sgx) / static_cast<float>(D);
+    const float mg = reduce_add(sg) / static_cast<float>(D), mgx = reduce_add(sgx) / static_cast<float>(D);
     const float rs = a.rstd[r];
     const std::uint32_t rk = drop.on ? row_key(drop.seed, r) : 0u;
     for (std::int64_t c = 0; c < D; c += W) {
@@ -252,7 +253,7 @@ struct AttnScratch {
   std::vector<float> kt, vb, qb, sb, ob, b1, b2, b1q, rinv;
   std::vector<std::uint32_t> kp, vp, qp, pp;  // bfloat16 pairs (AVX-512 BF16 path)
   std::vector<std::int64_t> pos, qpos;
-  std::vector<std::uint8_t> hidden;
+  std::vector<std::uint8_t> hidden, zeros;
   std::int64_t keys_of = -1;  // the (b, h) whose keys are prepared
   KeySet ks;
   std::int64_t np = 0;  // ks.n rounded up to KB: columns of the logits
@@ -265,23 +266,34 @@ void ensure(std::vector<std::uint32_t>& v, std::int64_t n) {
   if (static_cast<std::int64_t>(v.size()) < n) v.assign(static_cast<std::size_t>(n), 0u);
 }
 
+// Window b's rows: the first, how many, and their hidden flags (all 0 when packed).
+struct WindowRows {
+  std::int64_t base, n;
+  const std::uint8_t* hid;
+};
+
+AF_INLINE WindowRows window_rows(const BlockAttentionArgs& a, std::int64_t b,
+                                 const std::uint8_t* zeros) {
+  if (a.row_offsets) return {a.row_offsets[b], a.row_offsets[b + 1] - a.row_offsets[b], zeros};
+  return {b * a.length, a.length, a.hidden + b * a.length};
+}
+
 template <class T>
-AF_INLINE const T* head_col(const BlockAttentionArgs& a, std::int64_t b, std::int64_t col) {
-  return static_cast<const T*>(a.qkv) + b * a.length * a.ld_qkv + col;
+AF_INLINE const T* head_col(const BlockAttentionArgs& a, const WindowRows& w, std::int64_t col) {
+  return static_cast<const T*>(a.qkv) + w.base * a.ld_qkv + col;
 }
 
 // The query rows of [q0, q1) to compute, into sc.qpos; returns their count. The others are
 // zeroed in the output here.
 template <class T>
-AF_INLINE std::int64_t query_rows(const BlockAttentionArgs& a, std::int64_t b, std::int64_t h,
+AF_INLINE std::int64_t query_rows(const BlockAttentionArgs& a, const WindowRows& w, std::int64_t h,
                                   std::int64_t q0, std::int64_t q1, AttnScratch& sc) {
-  const std::uint8_t* hid = a.hidden + b * a.length;
   const bool skip = a.skip_hidden_queries && a.rule == kRuleKey;
   std::int64_t n = 0;
   T* out = static_cast<T*>(a.out);
   for (std::int64_t i = q0; i < q1; ++i) {
-    if (skip && hid[i] != 0) {
-      std::memset(out + (b * a.length + i) * a.ld_out + h * a.head_dim, 0,
+    if (skip && w.hid[i] != 0) {
+      std::memset(out + (w.base + i) * a.ld_out + h * a.head_dim, 0,
                   static_cast<std::size_t>(a.head_dim) * sizeof(T));
       continue;
     }
@@ -293,15 +305,17 @@ AF_INLINE std::int64_t query_rows(const BlockAttentionArgs& a, std::int64_t b, s
 template <class T>
 AF_INLINE void attention_task_generic(const BlockAttentionArgs& a, std::int64_t bh,
                                       std::int64_t q0, std::int64_t q1, AttnScratch& sc) {
-  const std::int64_t L = a.length, hd = a.head_dim, D = a.heads * hd, ld = a.ld_qkv;
+  const std::int64_t hd = a.head_dim, D = a.heads * hd, ld = a.ld_qkv;
   const std::int64_t b = bh / a.heads, h = bh % a.heads;
-  const T* qcol = head_col<T>(a, b, h * hd);
-  const T* kcol = head_col<T>(a, b, D + h * hd);
-  const T* vcol = head_col<T>(a, b, 2 * D + h * hd);
+  const WindowRows w = window_rows(a, b, sc.zeros.data());
+  const std::int64_t L = w.n;
+  const T* qcol = head_col<T>(a, w, h * hd);
+  const T* kcol = head_col<T>(a, w, D + h * hd);
+  const T* vcol = head_col<T>(a, w, 2 * D + h * hd);
   const float* bq = a.bias ? a.bias + h * hd : nullptr;
   const float* bk = a.bias ? a.bias + D + h * hd : nullptr;
   const float* bv = a.bias ? a.bias + 2 * D + h * hd : nullptr;
-  const std::uint8_t* hid = a.hidden + b * L;
+  const std::uint8_t* hid = w.hid;
   float* kt = sc.kt.data();
   float* vb = sc.vb.data();
   if (sc.keys_of != bh) {
@@ -324,7 +338,7 @@ AF_INLINE void attention_task_generic(const BlockAttentionArgs& a, std::int64_t 
   }
   const KeySet& ks = sc.ks;
   const std::int64_t np = sc.np;
-  const std::int64_t nr = query_rows<T>(a, b, h, q0, q1, sc), nrp = round_up(nr, RB);
+  const std::int64_t nr = query_rows<T>(a, w, h, q0, q1, sc), nrp = round_up(nr, RB);
   float* qb = sc.qb.data();
   float* sb = sc.sb.data();
   float* ob = sc.ob.data();
@@ -350,16 +364,16 @@ AF_INLINE void attention_task_generic(const BlockAttentionArgs& a, std::int64_t 
       storev(s + j, p);
       acc += p;
     }
-    const float l = hsum(acc);  // >= 1: the maximum contributes exp(0)
+    const float l = reduce_add(acc);  // >= 1: the maximum contributes exp(0)
     rinv[r] = 1.0f / l;
-    if (a.lse) a.lse[bh * L + sc.qpos[r]] = mx + std::log(l);
+    if (a.lse) a.lse[bh * a.length + sc.qpos[r]] = mx + std::log(l);
   }
   for (std::int64_t r0 = 0; r0 < nrp; r0 += RB)
     ab_rows4_all(sb + r0 * np, np, vb, hd, hd, ks.n, ob + r0 * hd, rinv + r0);
   T* out = static_cast<T*>(a.out);
   for (std::int64_t r = 0; r < nr; ++r)
     for (std::int64_t d = 0; d < hd; d += W)
-      store16(out + (b * L + sc.qpos[r]) * a.ld_out + h * hd + d, loadv(ob + r * hd + d));
+      store16(out + (w.base + sc.qpos[r]) * a.ld_out + h * hd + d, loadv(ob + r * hd + d));
 }
 
 struct AttnBackwardScratch {
@@ -377,9 +391,10 @@ AF_INLINE void attention_backward_task_generic(const BlockAttentionBackwardArgs&
   const std::int64_t L = a.length, hd = a.head_dim, D = a.heads * hd, ld = a.ld_qkv;
   const std::int64_t Lp = round_up(L, KB);
   const std::int64_t b = bh / a.heads, h = bh % a.heads;
-  const T* qcol = head_col<T>(a, b, h * hd);
-  const T* kcol = head_col<T>(a, b, D + h * hd);
-  const T* vcol = head_col<T>(a, b, 2 * D + h * hd);
+  const WindowRows w = window_rows(a, b, nullptr);
+  const T* qcol = head_col<T>(a, w, h * hd);
+  const T* kcol = head_col<T>(a, w, D + h * hd);
+  const T* vcol = head_col<T>(a, w, 2 * D + h * hd);
   const float* bq = a.bias ? a.bias + h * hd : nullptr;
   const float* bk = a.bias ? a.bias + D + h * hd : nullptr;
   const float* bv = a.bias ? a.bias + 2 * D + h * hd : nullptr;
@@ -448,7 +463,7 @@ AF_INLINE void attention_backward_task_generic(const BlockAttentionBackwardArgs&
       storev(p + j, pj);
       dd += pj * loadv(ds + j);
     }
-    const float di = hsum(dd);
+    const float di = reduce_add(dd);
     Dv[i] = di;
     for (std::int64_t j = 0; j < np; j += W)
       storev(ds + j, loadv(p + j) * (loadv(ds + j) - di) * a.scale);
@@ -506,18 +521,41 @@ AF_TARGET_V4_BF16 AF_INLINE __m512 bias_ps(const float* b, std::int64_t c) {
   return b ? _mm512_loadu_ps(b + c) : _mm512_setzero_ps();
 }
 
+// sb[r * np + j0 + j] = q_r . k_j for 4 query rows (bfloat16 pairs at qp, hd2 per row) and the
+// 16 * NV keys from j0 (pairs at kp[p * np + j]).
+template <int NV>
+AF_TARGET_V4_BF16 AF_INLINE void logits_block(const std::uint32_t* kp, std::int64_t np,
+                                              const std::uint32_t* qp, std::int64_t hd2,
+                                              std::int64_t j0, float* sb) {
+  __m512 acc[RB][NV];
+  for (int r = 0; r < RB; ++r)
+    for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (std::int64_t p = 0; p < hd2; ++p) {
+    __m512bh k[NV];
+    for (int c = 0; c < NV; ++c) k[c] = (__m512bh)_mm512_loadu_si512(kp + p * np + j0 + 16 * c);
+    for (int r = 0; r < RB; ++r) {
+      const __m512bh qa = (__m512bh)_mm512_set1_epi32(static_cast<int>(qp[r * hd2 + p]));
+      for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], qa, k[c]);
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(sb + r * np + j0 + 16 * c, acc[r][c]);
+}
+
 AF_TARGET_V4_BF16
 void attention_task_avx512_bf16(const BlockAttentionArgs& a, std::int64_t bh, std::int64_t q0,
                                 std::int64_t q1, AttnScratch& sc) {
-  const std::int64_t L = a.length, hd = a.head_dim, hd2 = hd / 2, D = a.heads * hd, ld = a.ld_qkv;
+  const std::int64_t hd = a.head_dim, hd2 = hd / 2, D = a.heads * hd, ld = a.ld_qkv;
   const std::int64_t b = bh / a.heads, h = bh % a.heads;
-  const bf16* qcol = head_col<bf16>(a, b, h * hd);
-  const bf16* kcol = head_col<bf16>(a, b, D + h * hd);
-  const bf16* vcol = head_col<bf16>(a, b, 2 * D + h * hd);
+  const WindowRows w = window_rows(a, b, sc.zeros.data());
+  const std::int64_t L = w.n;
+  const bf16* qcol = head_col<bf16>(a, w, h * hd);
+  const bf16* kcol = head_col<bf16>(a, w, D + h * hd);
+  const bf16* vcol = head_col<bf16>(a, w, 2 * D + h * hd);
   const float* bq = a.bias ? a.bias + h * hd : nullptr;
   const float* bk = a.bias ? a.bias + D + h * hd : nullptr;
   const float* bv = a.bias ? a.bias + 2 * D + h * hd : nullptr;
-  const std::uint8_t* hid = a.hidden + b * L;
+  const std::uint8_t* hid = w.hid;
   std::uint32_t* kp = sc.kp.data();
   std::uint32_t* vp = sc.vp.data();
   if (sc.keys_of != bh) {
@@ -552,7 +590,7 @@ void attention_task_avx512_bf16(const BlockAttentionArgs& a, std::int64_t bh, st
     sc.keys_of = bh;
   }
   const std::int64_t n = sc.ks.n, np = sc.np, np2 = np / 2, n2 = (n + 1) / 2;
-  const std::int64_t nr = query_rows<bf16>(a, b, h, q0, q1, sc), nrp = round_up(nr, RB);
+  const std::int64_t nr = query_rows<bf16>(a, w, h, q0, q1, sc), nrp = round_up(nr, RB);
   std::uint32_t* qp = sc.qp.data();
   std::uint32_t* pp = sc.pp.data();
   float* sb = sc.sb.data();
@@ -568,25 +606,11 @@ void attention_task_avx512_bf16(const BlockAttentionArgs& a, std::int64_t bh, st
       _mm512_storeu_si512(reinterpret_cast<__m512i*>(qp + r * hd2 + d / 2), pairs);
     }
   }
-  // Logits of 4 queries x 32 keys per register block.
+  // Logits of 4 queries x 64 keys per register block (32 at the end of an odd row).
   for (std::int64_t r0 = 0; r0 < nrp; r0 += RB) {
-    for (std::int64_t j0 = 0; j0 < np; j0 += KB) {
-      __m512 acc[RB][2];
-      for (int r = 0; r < RB; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-      for (std::int64_t p = 0; p < hd2; ++p) {
-        const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kp + p * np + j0);
-        const __m512bh k1 = (__m512bh)_mm512_loadu_si512(kp + p * np + j0 + 16);
-        for (int r = 0; r < RB; ++r) {
-          const __m512bh qa = (__m512bh)_mm512_set1_epi32(static_cast<int>(qp[(r0 + r) * hd2 + p]));
-          acc[r][0] = _mm512_dpbf16_ps(acc[r][0], qa, k0);
-          acc[r][1] = _mm512_dpbf16_ps(acc[r][1], qa, k1);
-        }
-      }
-      for (int r = 0; r < RB; ++r) {
-        _mm512_storeu_ps(sb + (r0 + r) * np + j0, acc[r][0]);
-        _mm512_storeu_ps(sb + (r0 + r) * np + j0 + 16, acc[r][1]);
-      }
-    }
+    std::int64_t j0 = 0;
+    for (; j0 + 2 * KB <= np; j0 += 2 * KB) logits_block<4>(kp, np, qp + r0 * hd2, hd2, j0, sb + r0 * np);
+    if (j0 < np) logits_block<2>(kp, np, qp + r0 * hd2, hd2, j0, sb + r0 * np);
   }
   for (std::int64_t r = 0; r < nrp; ++r) {
     float* s = sb + r * np;
@@ -607,9 +631,9 @@ void attention_task_avx512_bf16(const BlockAttentionArgs& a, std::int64_t bh, st
       std::memcpy(&f1, &p1, sizeof(f1));
       _mm512_storeu_si512(reinterpret_cast<__m512i*>(pr + j / 2), pack_pairs(f0, f1));
     }
-    const float l = hsum(acc);
+    const float l = reduce_add(acc);
     rinv[r] = 1.0f / l;
-    if (a.lse) a.lse[bh * L + sc.qpos[r]] = mx + std::log(l);
+    if (a.lse) a.lse[bh * a.length + sc.qpos[r]] = mx + std::log(l);
   }
   // Outputs of 4 queries x 64 channels per register block, over the kept key pairs.
   bf16* out = static_cast<bf16*>(a.out);
@@ -629,7 +653,7 @@ void attention_task_avx512_bf16(const BlockAttentionArgs& a, std::int64_t bh, st
         }
       }
       for (int r = 0; r < RB && r0 + r < nr; ++r) {
-        bf16* dst = out + (b * L + sc.qpos[r0 + r]) * a.ld_out + h * hd + d0;
+        bf16* dst = out + (w.base + sc.qpos[r0 + r]) * a.ld_out + h * hd + d0;
         const __m512 s = _mm512_set1_ps(rinv[r0 + r]);
         for (int c = 0; c < nv; ++c)
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16 * c),
@@ -643,7 +667,8 @@ void attention_task_avx512_bf16(const BlockAttentionArgs& a, std::int64_t bh, st
 // ---------------------------------------------------------------------------------------------
 // One wrapper per ISA level and storage
 // ---------------------------------------------------------------------------------------------
-using LayerNormFn = void (*)(const ResidualLayerNormArgs&, std::int64_t, std::int64_t, float*, float*);
+using LayerNormFn = void (*)(const ResidualLayerNormArgs&, std::int64_t, std::int64_t, float*,
+                             float*, std::int64_t);
 using TanhFn = void (*)(const BiasTanhArgs&, std::int64_t, std::int64_t);
 using AttentionFn = void (*)(const BlockAttentionArgs&, std::int64_t, std::int64_t, std::int64_t,
                              AttnScratch&);
@@ -665,8 +690,8 @@ struct Kernels {  // [0]: float32 storage, [1]: bfloat16
 #define AF_LEVEL_KERNELS(SUFFIX, TARGET)                                                          \
   template <class T>                                                                              \
   TARGET void layernorm_##SUFFIX(const ResidualLayerNormArgs& a, std::int64_t r0, std::int64_t r1, \
-                                 float* tmp, float* pool) {                                      \
-    layernorm_rows<T>(a, r0, r1, tmp, pool);                                                      \
+                                 float* tmp, float* pool, std::int64_t w) {                      \
+    layernorm_rows<T>(a, r0, r1, tmp, pool, w);                                                   \
   }                                                                                               \
   template <class T>                                                                              \
   TARGET void tanh_##SUFFIX(const BiasTanhArgs& a, std::int64_t r0, std::int64_t r1) {            \
@@ -748,7 +773,8 @@ void check_attention_args(const BlockAttentionArgs& a, const char* what) {
   const std::int64_t D = a.heads * a.head_dim;
   require(a.ld_qkv >= 3 * D && a.ld_out >= D, what, "leading dimensions too small");
   if (a.batch * a.heads * a.length > 0)
-    require(a.qkv && a.hidden && a.out, what, "qkv, hidden and out must not be null");
+    require(a.qkv && (a.hidden || a.row_offsets) && a.out, what,
+            "qkv, hidden (or row_offsets) and out must not be null");
 }
 
 }  // namespace
@@ -764,24 +790,35 @@ void residual_layernorm(const ResidualLayerNormArgs& a, int num_threads) {
   require(std::isfinite(a.eps) && a.eps >= 0.0f, what, "eps must be finite and >= 0");
   require(a.dropout_keep > 0.0f && a.dropout_keep <= 1.0f, what, "dropout_keep must be in (0, 1]");
   if (a.pooled) {
-    require(a.valid != nullptr && a.window_rows > 0 && a.rows % a.window_rows == 0, what,
-            "pooling needs valid and rows a multiple of window_rows");
+    if (a.row_offsets) {
+      require(a.windows >= 0 && a.row_offsets[0] == 0 && a.row_offsets[a.windows] == a.rows, what,
+              "row_offsets must run from 0 to rows");
+      for (std::int64_t w = 0; w < a.windows; ++w)
+        require(a.row_offsets[w + 1] >= a.row_offsets[w], what, "row_offsets must not decrease");
+    } else {
+      require(a.valid != nullptr && a.window_rows > 0 && a.rows % a.window_rows == 0, what,
+              "pooling needs valid and rows a multiple of window_rows (or row_offsets)");
+    }
     require(a.ld_pooled >= a.dim, what, "ld_pooled must be >= dim");
   }
-  if (a.rows == 0) return;
+  if (a.rows == 0 && !(a.pooled && a.row_offsets)) return;
   const LayerNormFn fn = kernels_for(active_isa()).layernorm[s];
   const std::int64_t D = a.dim;
   if (a.pooled) {  // one task per window: its mean is summed in row order by one thread
-    parallel_for(a.rows / a.window_rows, 1, num_threads, [&](std::int64_t w0, std::int64_t w1) {
+    const std::int64_t n_windows = a.row_offsets ? a.windows : a.rows / a.window_rows;
+    parallel_for(n_windows, 1, num_threads, [&](std::int64_t w0, std::int64_t w1) {
       std::vector<float> tmp(static_cast<std::size_t>(2 * D));
-      for (std::int64_t w = w0; w < w1; ++w)
-        fn(a, w * a.window_rows, (w + 1) * a.window_rows, tmp.data(), tmp.data() + D);
+      for (std::int64_t w = w0; w < w1; ++w) {
+        const std::int64_t r0 = a.row_offsets ? a.row_offsets[w] : w * a.window_rows;
+        const std::int64_t r1 = a.row_offsets ? a.row_offsets[w + 1] : (w + 1) * a.window_rows;
+        fn(a, r0, r1, tmp.data(), tmp.data() + D, w);
+      }
     });
     return;
   }
   parallel_for(a.rows, 64, num_threads, [&](std::int64_t r0, std::int64_t r1) {
     std::vector<float> tmp(static_cast<std::size_t>(D));
-    fn(a, r0, r1, tmp.data(), nullptr);
+    fn(a, r0, r1, tmp.data(), nullptr, 0);
   });
 }
 
@@ -807,12 +844,32 @@ void block_attention(const BlockAttentionArgs& a, int num_threads) {
   // The bfloat16 dot products take channels in pairs of 16-lane vectors: head_dim % 32.
   const AttentionFn fn =
       kernels_for(isa == Isa::kAvx512Bf16 && a.head_dim % 32 ? Isa::kAvx512 : isa).attention[s];
-  const std::int64_t nqb = (L + QB - 1) / QB, hd = a.head_dim, Lp = round_up(L, KB);
-  parallel_for(BH * nqb, 1, num_threads, [&](std::int64_t t0, std::int64_t t1) {
+  if (a.row_offsets) {
+    require(a.rule == kRuleKey, what, "packed windows (row_offsets) need mask rule key");
+    for (std::int64_t b = 0; b < a.batch; ++b) {
+      const std::int64_t n = a.row_offsets[b + 1] - a.row_offsets[b];
+      require(n >= 0 && n <= L && a.row_offsets[0] >= 0, what,
+              "row_offsets must not decrease, and no window may be longer than length");
+    }
+  }
+  // Tasks: (b, h, block of QB queries); a packed window has as many blocks as its rows need.
+  std::vector<std::int64_t> task_bh, task_q0;
+  for (std::int64_t bh = 0; bh < BH; ++bh) {
+    const std::int64_t b = bh / a.heads;
+    const std::int64_t n = a.row_offsets ? a.row_offsets[b + 1] - a.row_offsets[b] : L;
+    for (std::int64_t q0 = 0; q0 < n; q0 += QB) {
+      task_bh.push_back(bh);
+      task_q0.push_back(q0);
+    }
+  }
+  const std::int64_t hd = a.head_dim, Lp = round_up(L, KB);
+  parallel_for(static_cast<std::int64_t>(task_bh.size()), 1, num_threads,
+               [&](std::int64_t t0, std::int64_t t1) {
     AttnScratch sc;
     sc.pos.resize(static_cast<std::size_t>(L));
     sc.qpos.resize(static_cast<std::size_t>(QB));
     sc.hidden.resize(static_cast<std::size_t>(L));
+    sc.zeros.assign(static_cast<std::size_t>(L), 0);
     ensure(sc.b1, Lp);
     ensure(sc.b2, Lp);
     ensure(sc.b1q, Lp);
@@ -829,8 +886,10 @@ void block_attention(const BlockAttentionArgs& a, int num_threads) {
       ensure(sc.pp, QB * Lp / 2);
     }
     for (std::int64_t t = t0; t < t1; ++t) {
-      const std::int64_t bh = t / nqb, qb = t % nqb;
-      fn(a, bh, qb * QB, std::min(L, (qb + 1) * QB), sc);
+      const std::int64_t bh = task_bh[static_cast<std::size_t>(t)];
+      const std::int64_t q0 = task_q0[static_cast<std::size_t>(t)], b = bh / a.heads;
+      const std::int64_t n = a.row_offsets ? a.row_offsets[b + 1] - a.row_offsets[b] : L;
+      fn(a, bh, q0, std::min(n, q0 + QB), sc);
     }
   });
 }
@@ -881,6 +940,7 @@ void block_attention_backward(const BlockAttentionBackwardArgs& g, int num_threa
   const std::int64_t BH = a.batch * a.heads, L = a.length;
   if (BH == 0 || L == 0) return;
   require(a.out && a.lse && g.dout && g.dqkv, what, "out, lse, dout and dqkv must not be null");
+  require(a.row_offsets == nullptr, what, "packed windows are for inference only");
   const AttentionBackwardFn fn = kernels_for(active_isa()).attention_backward[s];
   const std::int64_t hd = a.head_dim, Lp = round_up(L, KB);
   parallel_for(BH, 1, num_threads, [&](std::int64_t t0, std::int64_t t1) {

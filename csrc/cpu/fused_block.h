@@ -41,6 +41,10 @@ struct BlockAttentionArgs {
   Storage storage = Storage::kFloat32;  // of qkv and out
   void* out = nullptr;  // [B*L, >= H*hd], heads side by side (head h at columns h*hd ..)
   std::int64_t ld_out = 0;
+  // Packed windows instead (rule "key", inference): window b is rows row_offsets[b] ..
+  // row_offsets[b + 1] - 1, every one visible, `length` the longest; hidden is not read. No
+  // padding row is then stored, projected or attended to.
+  const std::int64_t* row_offsets = nullptr;  // [B + 1]
 };
 
 struct ResidualLayerNormArgs {
@@ -58,9 +62,12 @@ struct ResidualLayerNormArgs {
   void* out = nullptr;  // [rows, dim]; may be x or res
   std::int64_t ld_out = 0;
   // Optional window means of the (float32, unrounded) output over valid rows: rows form windows of
-  // window_rows; pooled[w * ld_pooled + c] = sum of valid rows / max(1, valid rows).
+  // window_rows (or, packed, window w is rows row_offsets[w] .. row_offsets[w + 1] - 1, all valid);
+  // pooled[w * ld_pooled + c] = sum of valid rows / max(1, valid rows).
   const std::uint8_t* valid = nullptr;  // [rows]
   std::int64_t window_rows = 0;
+  const std::int64_t* row_offsets = nullptr;  // [windows + 1]
+  std::int64_t windows = 0;
   float* pooled = nullptr;
   std::int64_t ld_pooled = 0;
   // Training: dropout on the branch, (x + bias_x) * keep(seed, r, c) / dropout_keep (1 = none),

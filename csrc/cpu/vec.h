@@ -66,6 +66,28 @@ AF_INLINE float hmax(vf v) {
   return m;
 }
 
+// The same reductions as a tree of lane shuffles: 4 dependent steps instead of 15 (hsum and hmax
+// above keep their sequential order, which the bits of cpu/masked_attention.cpp depend on).
+AF_INLINE vf fold_halves(vf v, int step) {
+  switch (step) {
+    case 8: return __builtin_shuffle(v, vi{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+    case 4: return __builtin_shuffle(v, vi{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+    case 2: return __builtin_shuffle(v, vi{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+    default: return __builtin_shuffle(v, vi{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+  }
+}
+AF_INLINE float reduce_add(vf v) {
+  for (int step = 8; step >= 1; step /= 2) v += fold_halves(v, step);
+  return v[0];
+}
+AF_INLINE float reduce_max(vf v) {
+  for (int step = 8; step >= 1; step /= 2) {
+    const vf o = fold_halves(v, step);
+    v = o > v ? o : v;
+  }
+  return v[0];
+}
+
 // C[r, j] = sum_x A[r, x] * Bt[x, j] for 4 rows r and ncols (a multiple of 16) columns j.
 AF_INLINE void abt_rows4(const float* __restrict__ A, std::int64_t lda, const float* __restrict__ Bt,
                          std::int64_t ldb, std::int64_t K, std::int64_t ncols, float* __restrict__ C,
