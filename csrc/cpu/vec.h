@@ -68,12 +68,17 @@ AF_INLINE float hmax(vf v) {
 
 // The same reductions as a tree of lane shuffles: 4 dependent steps instead of 15 (hsum and hmax
 // above keep their sequential order, which the bits of cpu/masked_attention.cpp depend on).
+#if defined(__clang__)
+#define AF_SHUFFLE16(v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
+#else
+#define AF_SHUFFLE16(v, ...) __builtin_shuffle(v, vi{__VA_ARGS__})
+#endif
 AF_INLINE vf fold_halves(vf v, int step) {
   switch (step) {
-    case 8: return __builtin_shuffle(v, vi{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
-    case 4: return __builtin_shuffle(v, vi{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
-    case 2: return __builtin_shuffle(v, vi{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
-    default: return __builtin_shuffle(v, vi{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+    case 8: return AF_SHUFFLE16(v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    case 4: return AF_SHUFFLE16(v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+    case 2: return AF_SHUFFLE16(v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    default: return AF_SHUFFLE16(v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
   }
 }
 AF_INLINE float reduce_add(vf v) {
