@@ -87,7 +87,9 @@ void masked_attention_backward(std::uintptr_t q, std::uintptr_t k, std::uintptr_
 }
 
 // ---- fused encoder block (cpu/fused_block.h) ----
-cpu::Storage storage_of(bool bf16) { return bf16 ? cpu::Storage::kBFloat16 : cpu::Storage::kFloat32; }
+cpu::Storage storage_of(bool bf16) {
+  return bf16 ? cpu::Storage::kBFloat16 : cpu::Storage::kFloat32;
+}
 
 void residual_layernorm(std::uintptr_t x, std::int64_t ld_x, std::uintptr_t bias_x,
                         std::uintptr_t res, std::int64_t ld_res, std::uintptr_t bias_res,

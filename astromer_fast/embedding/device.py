@@ -2,8 +2,8 @@
 the per-curve average on the device, so only the pooled floats come back to the host.
 
 On the CPU: the fused encoder (``astromer_fast.model.fused_cpu``), in the precision asked for or the
-CPU's default. On CUDA: bf16 autocast (unless ``precision="fp32"``) with fp32 pooling, pinned host memory, non-blocking copies, and CUDA graphs:
-one graph per window-width bucket (widths rounded up to a multiple of 16, batches padded to the
+CPU's default. On CUDA: bf16 autocast (unless ``precision="fp32"``) with fp32 pooling, pinned host
+memory, non-blocking copies, and CUDA graphs: one graph per window-width bucket (widths rounded up to a multiple of 16, batches padded to the
 batch size with fully hidden rows), so a replay costs one launch instead of ~100. Padding columns
 and rows are hidden keys, which get exactly zero attention weight, so the buckets change nothing
 but the cost. A capture that fails falls back to eager execution with a warning.

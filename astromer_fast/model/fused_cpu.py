@@ -1,4 +1,4 @@
-"""The encoder on the CPU as one fused pass per block, for inference: what ``embed`` runs there.
+"""The encoder on the CPU as fused passes per block: what ``embed`` and CPU training run there.
 
 The plain model (``astromer.py``) spends most of its CPU time outside its GEMMs: bias copies,
 dtype casts under autocast, separate tanh, add and LayerNorm passes, head transposes. Here the
@@ -15,7 +15,8 @@ Precisions: ``fp32`` (float32 throughout) and ``bf16`` (bfloat16 activations and
 accumulation, LayerNorm, softmax and pooling in float32). The default on a CPU is ``bf16`` where the
 CPU has native bfloat16 arithmetic (AVX-512 BF16 or AMX), else ``fp32``; ``precision=`` or
 ``$ASTROMER_FAST_PRECISION`` chooses. ``bench/RESULTS.md`` gives each mode's speed and its cosine
-to float32 on real curves.
+to float32 on real curves. Training (``fused_cpu_encode``) runs the same passes with dropout, and
+their backward passes, inside one autograd Function per block.
 
 Only the window means come out (the embedding, or every layer's for the paper's classifier). Under
 Astromer 2's mask rule a hidden key gets exactly zero weight, so the windows are packed: only
@@ -62,7 +63,8 @@ def resolve_precision(precision: str | None = None) -> str:
     if precision in (None, "auto"):
         return "bf16" if native_bf16() else "fp32"
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS} or 'auto', got {precision!r}{source}")
+        raise ValueError(f"precision must be one of {PRECISIONS} or 'auto', got "
+                         f"{precision!r}{source}")
     return precision
 
 

@@ -105,7 +105,8 @@ AF_INLINE vu fmix32(vu h) {
   return h;
 }
 AF_INLINE std::uint32_t row_key(std::uint64_t seed, std::int64_t r) {
-  const std::uint32_t lo = static_cast<std::uint32_t>(seed), hi = static_cast<std::uint32_t>(seed >> 32);
+  const std::uint32_t lo = static_cast<std::uint32_t>(seed);
+  const std::uint32_t hi = static_cast<std::uint32_t>(seed >> 32);
   return fmix32(lo ^ fmix32(hi + static_cast<std::uint32_t>(r) * 0x9e3779b9u +
                             static_cast<std::uint32_t>(static_cast<std::uint64_t>(r) >> 32)));
 }
@@ -213,7 +214,8 @@ AF_INLINE void layernorm_backward_rows(const ResidualLayerNormBackwardArgs& a, s
       storev(dgamma + c, loadv(dgamma + c) + d * x);
       storev(dbeta + c, loadv(dbeta + c) + d);
     }
-    const float mg = reduce_add(sg) / static_cast<float>(D), mgx = reduce_add(sgx) / static_cast<float>(D);
+    const float inv_d = 1.0f / static_cast<float>(D);
+    const float mg = reduce_add(sg) * inv_d, mgx = reduce_add(sgx) * inv_d;
     const float rs = a.rstd[r];
     const std::uint32_t rk = drop.on ? row_key(drop.seed, r) : 0u;
     for (std::int64_t c = 0; c < D; c += W) {
@@ -504,7 +506,8 @@ AF_INLINE void attention_backward_task_generic(const BlockAttentionBackwardArgs&
 #if AF_X86_LEVELS
 // bfloat16 storage on CPUs with AVX-512 BF16: q k^T and p v as dot products of bfloat16 pairs
 // (vdpbf16ps) with float32 sums. K is packed as pairs of channels (kp[p * np + j] = channels 2p,
-// 2p+1 of key j), V as pairs of keys (vp[jp * hd + d] = keys 2jp, 2jp+1 of channel d), so that every
+// 2p+1 of key j), V as pairs of keys (vp[jp * hd + d] = keys 2jp, 2jp+1 of channel d), so that
+// every
 // vector load feeds 16 lanes. q + bias and the probabilities are rounded to bfloat16 for the dot
 // products, as a bfloat16 GPU kernel rounds them; the softmax itself is float32.
 AF_TARGET_V4_BF16 AF_INLINE __m512i pack_pairs(__m512 lo_half, __m512 hi_half) {
@@ -567,8 +570,9 @@ void attention_task_avx512_bf16(const BlockAttentionArgs& a, std::int64_t bh, st
     for (std::int64_t j = 0; j < n; ++j) {
       const bf16* kr = kcol + sc.ks.pos[j] * ld;
       for (std::int64_t d = 0; d < hd; d += 32) {
-        const __m512i pairs = pack_pairs(_mm512_add_ps(bf16x16_to_ps(kr + d), bias_ps(bk, d)),
-                                         _mm512_add_ps(bf16x16_to_ps(kr + d + 16), bias_ps(bk, d + 16)));
+        const __m512 lo = _mm512_add_ps(bf16x16_to_ps(kr + d), bias_ps(bk, d));
+        const __m512 hi = _mm512_add_ps(bf16x16_to_ps(kr + d + 16), bias_ps(bk, d + 16));
+        const __m512i pairs = pack_pairs(lo, hi);
         _mm512_store_si512(reinterpret_cast<__m512i*>(tmp), pairs);
         for (std::int64_t l = 0; l < 16; ++l) kp[(d / 2 + l) * np + j] = tmp[l];
       }
@@ -579,8 +583,9 @@ void attention_task_avx512_bf16(const BlockAttentionArgs& a, std::int64_t bh, st
       const std::int64_t j0 = 2 * jp, j1 = 2 * jp + 1;
       for (std::int64_t d = 0; d < hd; d += 16) {
         __m512 x0 = _mm512_setzero_ps(), x1 = _mm512_setzero_ps();
-        if (j0 < n) x0 = _mm512_add_ps(bf16x16_to_ps(vcol + sc.ks.pos[j0] * ld + d), bias_ps(bv, d));
-        if (j1 < n) x1 = _mm512_add_ps(bf16x16_to_ps(vcol + sc.ks.pos[j1] * ld + d), bias_ps(bv, d));
+        const __m512 b = bias_ps(bv, d);
+        if (j0 < n) x0 = _mm512_add_ps(bf16x16_to_ps(vcol + sc.ks.pos[j0] * ld + d), b);
+        if (j1 < n) x1 = _mm512_add_ps(bf16x16_to_ps(vcol + sc.ks.pos[j1] * ld + d), b);
         const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x0));
         const __m512i hi = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x1));
         _mm512_storeu_si512(reinterpret_cast<__m512i*>(vp + jp * hd + d),
@@ -609,7 +614,8 @@ void attention_task_avx512_bf16(const BlockAttentionArgs& a, std::int64_t bh, st
   // Logits of 4 queries x 64 keys per register block (32 at the end of an odd row).
   for (std::int64_t r0 = 0; r0 < nrp; r0 += RB) {
     std::int64_t j0 = 0;
-    for (; j0 + 2 * KB <= np; j0 += 2 * KB) logits_block<4>(kp, np, qp + r0 * hd2, hd2, j0, sb + r0 * np);
+    for (; j0 + 2 * KB <= np; j0 += 2 * KB)
+      logits_block<4>(kp, np, qp + r0 * hd2, hd2, j0, sb + r0 * np);
     if (j0 < np) logits_block<2>(kp, np, qp + r0 * hd2, hd2, j0, sb + r0 * np);
   }
   for (std::int64_t r = 0; r < nrp; ++r) {
@@ -648,7 +654,8 @@ void attention_task_avx512_bf16(const BlockAttentionArgs& a, std::int64_t bh, st
         for (int c = 0; c < nv; ++c)
           vv[c] = (__m512bh)_mm512_loadu_si512(vp + jp * hd + d0 + 16 * c);
         for (int r = 0; r < RB; ++r) {
-          const __m512bh pa = (__m512bh)_mm512_set1_epi32(static_cast<int>(pp[(r0 + r) * np2 + jp]));
+          const __m512bh pa =
+              (__m512bh)_mm512_set1_epi32(static_cast<int>(pp[(r0 + r) * np2 + jp]));
           for (int c = 0; c < nv; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], pa, vv[c]);
         }
       }
