@@ -231,7 +231,7 @@ def fused_variant(precision):
 
 
 class Variant:
-    def __init__(self, name, build, model, batches, args, device, reference=None, setup=None):
+    def __init__(self, name, build, model, batches, args, device, setup=None):
         self.name, self.args, self.device, self.batches = name, args, device, batches
         self.setup = setup or {}
         self.row = dict(variant=name, embed_s=NAN, train_s=NAN, compile_s=NAN, min_cos=NAN,
@@ -250,10 +250,6 @@ class Variant:
                 self._sync()
             if "compile" in name:
                 self.row["compile_s"] = time.perf_counter() - t0
-            if reference is not None:
-                cos = torch.nn.functional.cosine_similarity(self.outputs.float(), reference,
-                                                            dim=-1)
-                self.row["min_cos"] = float(cos.min())
         except Exception as exc:  # noqa: BLE001  (recorded; the other variants still run)
             self.row["error"] = failure_text(exc)
 
@@ -272,12 +268,13 @@ class Variant:
         if self.row["error"] or self.embed is None:
             return
         try:
+            clock = time.process_time if self.args.cpu_time else time.perf_counter
             with _setup(**self.setup):
                 self.samples["embed"].append(timed_median(self.embed_all, self.device,
-                                                          self.args.repeats, warmup=1))
+                                                          self.args.repeats, 1, clock))
                 if not self.args.no_train:
                     self.samples["train"].append(timed_median(self.train_all, self.device,
-                                                              self.args.repeats, warmup=1))
+                                                              self.args.repeats, 1, clock))
         except Exception as exc:  # noqa: BLE001
             self.row["error"] = failure_text(exc)
         n = sum(b[0].shape[0] for b in self.batches)
@@ -331,23 +328,26 @@ def run(args):
     batches, n_obs = make_data(args, device)
     n = sum(b[0].shape[0] for b in batches)
     hw = machine(device)
+    clock = "CPU seconds of this process" if args.cpu_time else "wall time"
     print(f"{n} {args.data} windows ({n_obs} observations, batches of {args.batch} cut to their "
           f"longest), {device}: {hw}, {torch.get_num_threads()} threads, torch "
-          f"{torch.__version__}; median of {args.repeats} per round, {args.rounds} round(s)",
-          flush=True)
+          f"{torch.__version__}; median of {args.repeats} per round, {args.rounds} round(s), "
+          f"{clock}", flush=True)
     built, rows = [], []
-    reference = None
     for name, build, *setup in variants(device, args.compile):
         if args.skip and re.search(args.skip, name):
             continue
-        v = Variant(name, build, model, batches, args, device, reference, *setup)
-        if name == FP32_SDPA and not v.row["error"]:
-            reference = v.outputs.float()
-            v.row["min_cos"] = 1.0
+        v = Variant(name, build, model, batches, args, device, *setup)
         built.append(v)
         rows.append(v.row)
         print(f"built {name}" + (f": FAILED {v.row['error']}" if v.row["error"] else ""),
               flush=True)
+    ref = next((v for v in built if v.name == FP32_SDPA and not v.row["error"]), None)
+    for v in built:
+        if ref is not None and not v.row["error"]:
+            cos = torch.nn.functional.cosine_similarity(v.outputs.float(), ref.outputs.float(),
+                                                        dim=-1)
+            v.row["min_cos"] = float(cos.min())
     for r in range(args.rounds):
         for v in built:
             v.time_round()
@@ -364,6 +364,7 @@ def _dump(args, device, hw, n, n_obs, rows):
             json.dump(dict(device=str(device), hardware=hw, threads=torch.get_num_threads(),
                            data=args.data, windows=n, observations=n_obs, batch=args.batch,
                            repeats=args.repeats, rounds=args.rounds, torch=torch.__version__,
+                           clock="process_time" if args.cpu_time else "wall",
                            rows=rows), f, indent=2)
 
 
@@ -385,9 +386,17 @@ if __name__ == "__main__":
     p.add_argument("--compile-timeout", type=float, default=300.0,
                    help="seconds allowed for compiling (and first calls of) a compiled variant")
     p.add_argument("--no-train", action="store_true")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="time with this process's CPU seconds (time.process_time) instead of "
+                   "wall time: for one thread on a machine other jobs share (--threads 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--skip", default=None, help="regex: skip variants whose name matches")
     p.add_argument("--json", default=None)
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.cpu_time and torch.get_num_threads() != 1:
+        p.error("--cpu-time measures one thread: add --threads 1")
     cuda = a.device.startswith("cuda")
     if a.data is None:
         a.data = "eros" if (shared_data_dir() / "eros1.parquet").is_file() else "random"
