@@ -611,39 +611,40 @@ void attention_task_avx512_bf16(const BlockAttentionArgs& a, std::int64_t bh, st
       _mm512_storeu_si512(reinterpret_cast<__m512i*>(qp + r * hd2 + d / 2), pairs);
     }
   }
-  // Logits of 4 queries x 64 keys per register block (32 at the end of an odd row).
+  // Four queries at a time, start to finish (logits, softmax, outputs), so that their logits and
+  // probabilities stay in the first-level cache between the three steps.
+  bf16* out = static_cast<bf16*>(a.out);
   for (std::int64_t r0 = 0; r0 < nrp; r0 += RB) {
+    // Logits of 4 queries x 64 keys per register block (32 at the end of an odd row).
     std::int64_t j0 = 0;
     for (; j0 + 2 * KB <= np; j0 += 2 * KB)
       logits_block<4>(kp, np, qp + r0 * hd2, hd2, j0, sb + r0 * np);
     if (j0 < np) logits_block<2>(kp, np, qp + r0 * hd2, hd2, j0, sb + r0 * np);
-  }
-  for (std::int64_t r = 0; r < nrp; ++r) {
-    float* s = sb + r * np;
-    std::uint32_t* pr = pp + r * np2;
-    if (r >= nr) {
-      std::memset(pr, 0, static_cast<std::size_t>(np2) * sizeof(std::uint32_t));
-      rinv[r] = 0.0f;
-      continue;
+    for (std::int64_t r = r0; r < r0 + RB; ++r) {
+      float* s = sb + r * np;
+      std::uint32_t* pr = pp + r * np2;
+      if (r >= nr) {
+        std::memset(pr, 0, static_cast<std::size_t>(np2) * sizeof(std::uint32_t));
+        rinv[r] = 0.0f;
+        continue;
+      }
+      const bool qh = a.rule == kRuleQueryOrKeyPlus1 && hid[sc.qpos[r]] != 0;
+      const float mx =
+          biased_row(s, qh ? sc.b1q.data() : sc.b1.data(), sc.b2.data(), np, a.scale);
+      vf acc = {};
+      for (std::int64_t j = 0; j < np; j += KB) {
+        const vf p0 = vexp(loadv(s + j) - mx), p1 = vexp(loadv(s + j + W) - mx);
+        acc += p0 + p1;
+        __m512 f0, f1;
+        std::memcpy(&f0, &p0, sizeof(f0));
+        std::memcpy(&f1, &p1, sizeof(f1));
+        _mm512_storeu_si512(reinterpret_cast<__m512i*>(pr + j / 2), pack_pairs(f0, f1));
+      }
+      const float l = reduce_add(acc);
+      rinv[r] = 1.0f / l;
+      if (a.lse) a.lse[bh * a.length + sc.qpos[r]] = mx + std::log(l);
     }
-    const bool qh = a.rule == kRuleQueryOrKeyPlus1 && hid[sc.qpos[r]] != 0;
-    const float mx = biased_row(s, qh ? sc.b1q.data() : sc.b1.data(), sc.b2.data(), np, a.scale);
-    vf acc = {};
-    for (std::int64_t j = 0; j < np; j += KB) {
-      const vf p0 = vexp(loadv(s + j) - mx), p1 = vexp(loadv(s + j + W) - mx);
-      acc += p0 + p1;
-      __m512 f0, f1;
-      std::memcpy(&f0, &p0, sizeof(f0));
-      std::memcpy(&f1, &p1, sizeof(f1));
-      _mm512_storeu_si512(reinterpret_cast<__m512i*>(pr + j / 2), pack_pairs(f0, f1));
-    }
-    const float l = reduce_add(acc);
-    rinv[r] = 1.0f / l;
-    if (a.lse) a.lse[bh * a.length + sc.qpos[r]] = mx + std::log(l);
-  }
-  // Outputs of 4 queries x 64 channels per register block, over the kept key pairs.
-  bf16* out = static_cast<bf16*>(a.out);
-  for (std::int64_t r0 = 0; r0 < nrp; r0 += RB) {
+    // Outputs of 4 queries x 64 channels per register block, over the kept key pairs.
     for (std::int64_t d0 = 0; d0 < hd; d0 += 64) {
       const int nv = static_cast<int>(hd - d0 >= 64 ? 4 : (hd - d0) / 16);
       __m512 acc[RB][4];
@@ -661,10 +662,10 @@ void attention_task_avx512_bf16(const BlockAttentionArgs& a, std::int64_t bh, st
       }
       for (int r = 0; r < RB && r0 + r < nr; ++r) {
         bf16* dst = out + (w.base + sc.qpos[r0 + r]) * a.ld_out + h * hd + d0;
-        const __m512 s = _mm512_set1_ps(rinv[r0 + r]);
+        const __m512 sc16 = _mm512_set1_ps(rinv[r0 + r]);
         for (int c = 0; c < nv; ++c)
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16 * c),
-                              (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[r][c], s)));
+                              (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[r][c], sc16)));
       }
     }
   }
