@@ -11,6 +11,7 @@
 #include "cpu/isa.h"
 #include "cpu/masked_attention.h"
 #include "cpu/parallel.h"
+#include "cpu/simd.h"
 #include "cpu/vec.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(ASTROMER_FAST_NO_CLONES)
@@ -27,76 +28,60 @@ namespace astromer_fast {
 namespace cpu {
 namespace {
 
-// Every kernel body below is an always-inlined template, instantiated once per ISA level by thin
-// wrappers that carry the level's target attribute (see cpu/isa.h); the vector extensions then
-// compile to that level's registers. The AVX-512 BF16 attention is separate, in intrinsics.
+// Every kernel body below is an always-inlined template over the storage type T and the vector
+// width N, instantiated once per ISA level by thin wrappers that carry the level's target
+// attribute (see cpu/isa.h) and its register width (cpu/simd.h). The AVX-512 BF16 attention is
+// separate, in intrinsics.
 
 using bf16 = std::uint16_t;
-typedef std::uint16_t vh __attribute__((vector_size(32)));  // 16 bfloat16
-typedef std::uint32_t vu __attribute__((vector_size(64)));
+using simd::VF;
+using simd::VI;
+using simd::VU;
 
-AF_INLINE vf load16(const float* p) { return loadv(p); }
-AF_INLINE vf load16(const bf16* p) {
-  vh h;
-  std::memcpy(&h, p, sizeof(h));
-  const vu u = __builtin_convertvector(h, vu) << 16;
-  vf f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
+template <int N>
+AF_INLINE VF<N> bias_n(const float* b, std::int64_t c) {
+  return b ? simd::load<N>(b + c) : VF<N>{};
 }
-AF_INLINE void store16(float* p, vf v) { storev(p, v); }
-// Round to nearest even, as torch does; NaN stays NaN (quiet).
-AF_INLINE void store16(bf16* p, vf v) {
-  vu u;
-  std::memcpy(&u, &v, sizeof(u));
-  const vu nan = (vu)(v != v);
-  const vu rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  const vu r = (rounded & ~nan) | (((u >> 16) | 0x40u) & nan);
-  const vh h = __builtin_convertvector(r, vh);
-  std::memcpy(p, &h, sizeof(h));
-}
-
-AF_INLINE vf bias16(const float* b, std::int64_t c) { return b ? loadv(b + c) : vf{}; }
 
 // A value rounded as it would be stored beside p: projections plus their biases enter the
 // attention's dot products at the storage precision, on every ISA level.
-AF_INLINE vf round_like(vf v, const float*) { return v; }
-AF_INLINE vf round_like(vf v, const bf16*) {
-  alignas(32) bf16 tmp[W];
-  store16(tmp, v);
-  return load16(tmp);
+template <int N>
+AF_INLINE VF<N> round_like(VF<N> v, const float*) {
+  return v;
+}
+template <int N>
+AF_INLINE VF<N> round_like(VF<N> v, const bf16*) {
+  alignas(64) bf16 tmp[N];
+  simd::store<N>(tmp, v);
+  return simd::load<N>(tmp);
 }
 
 // tanh: an odd polynomial below 0.625 (where 1 - 2/(e^2x + 1) would cancel), that formula above;
-// |x| is clamped at 9, where tanh is 1 in float32. Within 2 ulp of libm on float32.
-AF_INLINE vf vtanh(vf x) {
-  const vi neg = x < 0.0f;
-  vf ax = neg ? -x : x;
-  ax = ax > 9.0f ? splat(9.0f) : ax;
-  const vf z = ax * ax;
-  vf p = splat(-5.70498872745e-3f);
+// |x| is clamped at 9, where tanh is 1 in float32. Within 2 ulp of libm on float32. NaN is told by
+// its bits (see simd::store).
+template <int N>
+AF_INLINE VF<N> tanh_n(VF<N> x) {
+  const VI<N> neg = x < 0.0f;
+  VF<N> ax = neg ? -x : x;
+  ax = ax > 9.0f ? simd::splat<N>(9.0f) : ax;
+  const VF<N> z = ax * ax;
+  VF<N> p = simd::splat<N>(-5.70498872745e-3f);
   p = p * z + 2.06390887954e-2f;
   p = p * z - 5.37397155531e-2f;
   p = p * z + 1.33314422036e-1f;
   p = p * z - 3.33332819422e-1f;
-  const vf small = p * z * ax + ax;
-  const vf large = 1.0f - 2.0f / (vexp(ax + ax) + 1.0f);
-  const vf t = ax < 0.625f ? small : large;
-  const vf r = neg ? -t : t;
-  return x != x ? x : r;
+  const VF<N> small = p * z * ax + ax;
+  const VF<N> large = 1.0f - 2.0f / (simd::exp<N>(ax + ax) + 1.0f);
+  const VF<N> t = ax < 0.625f ? small : large;
+  const VF<N> r = neg ? -t : t;
+  const VI<N> nan = ((VI<N>)x & 0x7fffffff) > 0x7f800000;
+  return nan ? x : r;
 }
 
 // Dropout masks from a counter-based hash (murmur3's finaliser) of (seed, row, column): the
 // backward regenerates them, so no mask is stored.
-AF_INLINE std::uint32_t fmix32(std::uint32_t h) {
-  h ^= h >> 16;
-  h *= 0x85ebca6bu;
-  h ^= h >> 13;
-  h *= 0xc2b2ae35u;
-  h ^= h >> 16;
-  return h;
-}
-AF_INLINE vu fmix32(vu h) {
+template <class U>
+AF_INLINE U fmix32(U h) {
   h ^= h >> 16;
   h *= 0x85ebca6bu;
   h ^= h >> 13;
@@ -123,11 +108,17 @@ struct DropoutMask {
       inv_keep = 1.0f / keep;
     }
   }
-  // 1/keep where columns c .. c+15 of the row with key rk are kept, else 0.
-  AF_INLINE vf scale(std::uint32_t rk, std::int64_t c) const {
-    const vu iota = {0u, 1u, 2u, 3u, 4u, 5u, 6u, 7u, 8u, 9u, 10u, 11u, 12u, 13u, 14u, 15u};
-    const vu h = fmix32((iota + static_cast<std::uint32_t>(c) + 1u) * 0x9e3779b9u ^ rk);
-    return h < threshold ? splat(inv_keep) : splat(0.0f);
+  // 1/keep where columns c .. c+N-1 of the row with key rk are kept, else 0. The unsigned
+  // comparison is made signed by flipping the sign bits: every level has that compare.
+  template <int N>
+  AF_INLINE VF<N> scale(std::uint32_t rk, std::int64_t c) const {
+    static constexpr std::uint32_t kIota[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    VU<N> col;
+    std::memcpy(&col, kIota, sizeof(col));
+    const VU<N> h = fmix32((col + static_cast<std::uint32_t>(c) + 1u) * 0x9e3779b9u ^ rk);
+    const auto flipped = static_cast<std::int32_t>(threshold ^ 0x80000000u);
+    const VI<N> kept = (VI<N>)(h ^ 0x80000000u) < flipped;
+    return kept ? simd::splat<N>(inv_keep) : simd::splat<N>(0.0f);
   }
 };
 
@@ -135,7 +126,7 @@ struct DropoutMask {
 // Residual + LayerNorm (+ window means)
 // ---------------------------------------------------------------------------------------------
 // Rows [r0, r1); with pool, they are window w, whose mean goes to a.pooled.
-template <class T>
+template <class T, int N>
 AF_INLINE void layernorm_rows(const ResidualLayerNormArgs& a, std::int64_t r0, std::int64_t r1,
                               float* tmp, float* pool, std::int64_t w) {
   const T* x = static_cast<const T*>(a.x);
@@ -147,51 +138,51 @@ AF_INLINE void layernorm_rows(const ResidualLayerNormArgs& a, std::int64_t r0, s
   const DropoutMask drop(a.dropout_keep, a.dropout_seed);
   for (std::int64_t r = r0; r < r1; ++r) {
     const std::uint32_t rk = drop.on ? row_key(drop.seed, r) : 0u;
-    vf sum = {};
-    for (std::int64_t c = 0; c < D; c += W) {
-      vf v = load16(x + r * a.ld_x + c) + bias16(a.bias_x, c);
-      if (drop.on) v *= drop.scale(rk, c);
-      if (res) v += load16(res + r * a.ld_res + c) + bias16(a.bias_res, c);
-      storev(tmp + c, v);
+    VF<N> sum = {};
+    for (std::int64_t c = 0; c < D; c += N) {
+      VF<N> v = simd::load<N>(x + r * a.ld_x + c) + bias_n<N>(a.bias_x, c);
+      if (drop.on) v *= drop.template scale<N>(rk, c);
+      if (res) v += simd::load<N>(res + r * a.ld_res + c) + bias_n<N>(a.bias_res, c);
+      simd::store<N>(tmp + c, v);
       sum += v;
     }
-    const float mean = reduce_add(sum) / static_cast<float>(D);
-    vf sq = {};
-    for (std::int64_t c = 0; c < D; c += W) {
-      const vf d = loadv(tmp + c) - mean;
+    const float mean = simd::reduce_add<N>(sum) / static_cast<float>(D);
+    VF<N> sq = {};
+    for (std::int64_t c = 0; c < D; c += N) {
+      const VF<N> d = simd::load<N>(tmp + c) - mean;
       sq += d * d;
     }
-    const float rstd = 1.0f / std::sqrt(reduce_add(sq) / static_cast<float>(D) + a.eps);
+    const float rstd = 1.0f / std::sqrt(simd::reduce_add<N>(sq) / static_cast<float>(D) + a.eps);
     const bool pooled = pool && (a.valid == nullptr || a.valid[r] != 0);
     n_valid += pooled;
     if (a.rstd) a.rstd[r] = rstd;
-    for (std::int64_t c = 0; c < D; c += W) {
-      const vf xh = (loadv(tmp + c) - mean) * rstd;
-      const vf y = xh * loadv(a.gamma + c) + loadv(a.beta + c);
-      store16(out + r * a.ld_out + c, y);
-      if (a.xhat) storev(a.xhat + r * D + c, xh);
-      if (pooled) storev(pool + c, loadv(pool + c) + y);
+    for (std::int64_t c = 0; c < D; c += N) {
+      const VF<N> xh = (simd::load<N>(tmp + c) - mean) * rstd;
+      const VF<N> y = xh * simd::load<N>(a.gamma + c) + simd::load<N>(a.beta + c);
+      simd::store<N>(out + r * a.ld_out + c, y);
+      if (a.xhat) simd::store<N>(a.xhat + r * D + c, xh);
+      if (pooled) simd::store<N>(pool + c, simd::load<N>(pool + c) + y);
     }
   }
   if (pool) {
     const float inv = 1.0f / static_cast<float>(n_valid > 0 ? n_valid : 1);
     float* dst = a.pooled + w * a.ld_pooled;
-    for (std::int64_t c = 0; c < D; c += W) storev(dst + c, loadv(pool + c) * inv);
+    for (std::int64_t c = 0; c < D; c += N) simd::store<N>(dst + c, simd::load<N>(pool + c) * inv);
   }
 }
 
-template <class T>
+template <class T, int N>
 AF_INLINE void tanh_rows(const BiasTanhArgs& a, std::int64_t r0, std::int64_t r1) {
   const T* x = static_cast<const T*>(a.x);
   T* out = static_cast<T*>(a.out);
   for (std::int64_t r = r0; r < r1; ++r)
-    for (std::int64_t c = 0; c < a.cols; c += W)
-      store16(out + r * a.ld_out + c, vtanh(load16(x + r * a.ld_x + c) + bias16(a.bias, c)));
+    for (std::int64_t c = 0; c < a.cols; c += N)
+      simd::store<N>(out + r * a.ld_out + c, tanh_n<N>(simd::load<N>(x + r * a.ld_x + c) + bias_n<N>(a.bias, c)));
 }
 
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * gamma, for rows [r0, r1) (one block
 // of kSumRows); the block's column sums go to part[0..4*dim).
-template <class T>
+template <class T, int N>
 AF_INLINE void layernorm_backward_rows(const ResidualLayerNormBackwardArgs& a, std::int64_t r0,
                                        std::int64_t r1, float* g, float* part) {
   const T* dy = static_cast<const T*>(a.dy);
@@ -203,33 +194,33 @@ AF_INLINE void layernorm_backward_rows(const ResidualLayerNormBackwardArgs& a, s
   float *dgamma = part, *dbeta = part + D, *dbx = part + 2 * D, *dbr = part + 3 * D;
   for (std::int64_t r = r0; r < r1; ++r) {
     const float* xh = a.xhat + r * D;
-    vf sg = {}, sgx = {};
-    for (std::int64_t c = 0; c < D; c += W) {
-      const vf d = load16(dy + r * a.ld_dy + c);
-      const vf x = loadv(xh + c);
-      const vf gv = d * loadv(a.gamma + c);
-      storev(g + c, gv);
+    VF<N> sg = {}, sgx = {};
+    for (std::int64_t c = 0; c < D; c += N) {
+      const VF<N> d = simd::load<N>(dy + r * a.ld_dy + c);
+      const VF<N> x = simd::load<N>(xh + c);
+      const VF<N> gv = d * simd::load<N>(a.gamma + c);
+      simd::store<N>(g + c, gv);
       sg += gv;
       sgx += gv * x;
-      storev(dgamma + c, loadv(dgamma + c) + d * x);
-      storev(dbeta + c, loadv(dbeta + c) + d);
+      simd::store<N>(dgamma + c, simd::load<N>(dgamma + c) + d * x);
+      simd::store<N>(dbeta + c, simd::load<N>(dbeta + c) + d);
     }
     const float inv_d = 1.0f / static_cast<float>(D);
-    const float mg = reduce_add(sg) * inv_d, mgx = reduce_add(sgx) * inv_d;
+    const float mg = simd::reduce_add<N>(sg) * inv_d, mgx = simd::reduce_add<N>(sgx) * inv_d;
     const float rs = a.rstd[r];
     const std::uint32_t rk = drop.on ? row_key(drop.seed, r) : 0u;
-    for (std::int64_t c = 0; c < D; c += W) {
-      const vf dp = (loadv(g + c) - mg - loadv(xh + c) * mgx) * rs;
-      const vf dxv = drop.on ? dp * drop.scale(rk, c) : dp;
-      store16(d_x + r * a.ld_dx + c, dxv);
-      storev(dbx + c, loadv(dbx + c) + dxv);
-      if (d_res) store16(d_res + r * a.ld_dres + c, dp);
-      storev(dbr + c, loadv(dbr + c) + dp);
+    for (std::int64_t c = 0; c < D; c += N) {
+      const VF<N> dp = (simd::load<N>(g + c) - mg - simd::load<N>(xh + c) * mgx) * rs;
+      const VF<N> dxv = drop.on ? dp * drop.template scale<N>(rk, c) : dp;
+      simd::store<N>(d_x + r * a.ld_dx + c, dxv);
+      simd::store<N>(dbx + c, simd::load<N>(dbx + c) + dxv);
+      if (d_res) simd::store<N>(d_res + r * a.ld_dres + c, dp);
+      simd::store<N>(dbr + c, simd::load<N>(dbr + c) + dp);
     }
   }
 }
 
-template <class T>
+template <class T, int N>
 AF_INLINE void tanh_backward_rows(const TanhBackwardArgs& a, std::int64_t r0, std::int64_t r1,
                                   float* part) {
   const T* dy = static_cast<const T*>(a.dy);
@@ -237,11 +228,11 @@ AF_INLINE void tanh_backward_rows(const TanhBackwardArgs& a, std::int64_t r0, st
   T* dx = static_cast<T*>(a.dx);
   std::memset(part, 0, static_cast<std::size_t>(a.cols) * sizeof(float));
   for (std::int64_t r = r0; r < r1; ++r)
-    for (std::int64_t c = 0; c < a.cols; c += W) {
-      const vf yv = load16(y + r * a.ld_y + c);
-      const vf d = load16(dy + r * a.ld_dy + c) * (1.0f - yv * yv);
-      store16(dx + r * a.ld_dx + c, d);
-      storev(part + c, loadv(part + c) + d);
+    for (std::int64_t c = 0; c < a.cols; c += N) {
+      const VF<N> yv = simd::load<N>(y + r * a.ld_y + c);
+      const VF<N> d = simd::load<N>(dy + r * a.ld_dy + c) * (1.0f - yv * yv);
+      simd::store<N>(dx + r * a.ld_dx + c, d);
+      simd::store<N>(part + c, simd::load<N>(part + c) + d);
     }
 }
 
@@ -304,7 +295,7 @@ AF_INLINE std::int64_t query_rows(const BlockAttentionArgs& a, const WindowRows&
   return n;
 }
 
-template <class T>
+template <class T, int N>
 AF_INLINE void attention_task_generic(const BlockAttentionArgs& a, std::int64_t bh,
                                       std::int64_t q0, std::int64_t q1, AttnScratch& sc) {
   const std::int64_t hd = a.head_dim, D = a.heads * hd, ld = a.ld_qkv;
@@ -328,10 +319,10 @@ AF_INLINE void attention_task_generic(const BlockAttentionArgs& a, std::int64_t 
     for (std::int64_t j = 0; j < sc.ks.n; ++j) {
       const T* kr = kcol + sc.ks.pos[j] * ld;
       const T* vr = vcol + sc.ks.pos[j] * ld;
-      for (std::int64_t d = 0; d < hd; d += W) {
-        const vf kx = round_like(load16(kr + d) + bias16(bk, d), kr);
-        for (std::int64_t l = 0; l < W; ++l) kt[(d + l) * np + j] = kx[l];
-        storev(vb + j * hd + d, round_like(load16(vr + d) + bias16(bv, d), vr));
+      for (std::int64_t d = 0; d < hd; d += N) {
+        const VF<N> kx = round_like<N>(simd::load<N>(kr + d) + bias_n<N>(bk, d), kr);
+        for (std::int64_t l = 0; l < N; ++l) kt[(d + l) * np + j] = kx[l];
+        simd::store<N>(vb + j * hd + d, round_like<N>(simd::load<N>(vr + d) + bias_n<N>(bv, d), vr));
       }
     }
     for (std::int64_t d = 0; d < hd; ++d)
@@ -346,11 +337,11 @@ AF_INLINE void attention_task_generic(const BlockAttentionArgs& a, std::int64_t 
   float* ob = sc.ob.data();
   float* rinv = sc.rinv.data();
   for (std::int64_t r = 0; r < nrp; ++r)
-    for (std::int64_t d = 0; d < hd; d += W)
-      storev(qb + r * hd + d,
-             r < nr ? round_like(load16(qcol + sc.qpos[r] * ld + d) + bias16(bq, d), qcol) : vf{});
+    for (std::int64_t d = 0; d < hd; d += N)
+      simd::store<N>(qb + r * hd + d,
+             r < nr ? round_like<N>(simd::load<N>(qcol + sc.qpos[r] * ld + d) + bias_n<N>(bq, d), qcol) : VF<N>{});
   for (std::int64_t r0 = 0; r0 < nrp; r0 += RB)
-    abt_rows4(qb + r0 * hd, hd, kt, np, hd, np, sb + r0 * np, np);
+    simd::abt_rows4<N>(qb + r0 * hd, hd, kt, np, hd, np, sb + r0 * np, np);
   for (std::int64_t r = 0; r < nrp; ++r) {
     float* s = sb + r * np;
     if (r >= nr) {
@@ -359,23 +350,23 @@ AF_INLINE void attention_task_generic(const BlockAttentionArgs& a, std::int64_t 
       continue;
     }
     const bool qh = a.rule == kRuleQueryOrKeyPlus1 && hid[sc.qpos[r]] != 0;
-    const float mx = biased_row(s, qh ? sc.b1q.data() : sc.b1.data(), sc.b2.data(), np, a.scale);
-    vf acc = {};
-    for (std::int64_t j = 0; j < np; j += W) {
-      const vf p = vexp(loadv(s + j) - mx);
-      storev(s + j, p);
+    const float mx = simd::biased_row<N>(s, qh ? sc.b1q.data() : sc.b1.data(), sc.b2.data(), np, a.scale);
+    VF<N> acc = {};
+    for (std::int64_t j = 0; j < np; j += N) {
+      const VF<N> p = simd::exp<N>(simd::load<N>(s + j) - mx);
+      simd::store<N>(s + j, p);
       acc += p;
     }
-    const float l = reduce_add(acc);  // >= 1: the maximum contributes exp(0)
+    const float l = simd::reduce_add<N>(acc);  // >= 1: the maximum contributes exp(0)
     rinv[r] = 1.0f / l;
     if (a.lse) a.lse[bh * a.length + sc.qpos[r]] = mx + std::log(l);
   }
   for (std::int64_t r0 = 0; r0 < nrp; r0 += RB)
-    ab_rows4_all(sb + r0 * np, np, vb, hd, hd, ks.n, ob + r0 * hd, rinv + r0);
+    simd::ab_rows4_all<N>(sb + r0 * np, np, vb, hd, hd, ks.n, ob + r0 * hd, rinv + r0);
   T* out = static_cast<T*>(a.out);
   for (std::int64_t r = 0; r < nr; ++r)
-    for (std::int64_t d = 0; d < hd; d += W)
-      store16(out + (w.base + sc.qpos[r]) * a.ld_out + h * hd + d, loadv(ob + r * hd + d));
+    for (std::int64_t d = 0; d < hd; d += N)
+      simd::store<N>(out + (w.base + sc.qpos[r]) * a.ld_out + h * hd + d, simd::load<N>(ob + r * hd + d));
 }
 
 struct AttnBackwardScratch {
@@ -386,7 +377,7 @@ struct AttnBackwardScratch {
 
 // dq, dk, dv of one (b, h), as cpu/masked_attention.cpp's backward (P = exp(s' - lse) over the
 // kept keys, dS = P (dO V^T - D) scale), on the fused layout; D_i = sum_j P_ij (dO V^T)_ij.
-template <class T>
+template <class T, int N>
 AF_INLINE void attention_backward_task_generic(const BlockAttentionBackwardArgs& g,
                                                std::int64_t bh, AttnBackwardScratch& sc) {
   const BlockAttentionArgs& a = g.fwd;
@@ -415,35 +406,35 @@ AF_INLINE void attention_backward_task_generic(const BlockAttentionBackwardArgs&
   float *b1 = sc.b1.data(), *b2 = sc.b2.data(), *b1q = sc.b1q.data();
   key_terms(ks.hidden, ks.n, np, a.rule, b1, b2, b1q);
   for (std::int64_t j = 0; j < np; ++j) {
-    for (std::int64_t d = 0; d < hd; d += W) {
-      vf kx = {}, vx = {};
+    for (std::int64_t d = 0; d < hd; d += N) {
+      VF<N> kx = {}, vx = {};
       if (j < ks.n) {
         const T* kr = kcol + ks.pos[j] * ld;
         const T* vr = vcol + ks.pos[j] * ld;
-        kx = round_like(load16(kr + d) + bias16(bk, d), kr);
-        vx = round_like(load16(vr + d) + bias16(bv, d), vr);
+        kx = round_like<N>(simd::load<N>(kr + d) + bias_n<N>(bk, d), kr);
+        vx = round_like<N>(simd::load<N>(vr + d) + bias_n<N>(bv, d), vr);
       }
-      storev(kb + j * hd + d, kx);
-      for (std::int64_t l = 0; l < W; ++l) {
+      simd::store<N>(kb + j * hd + d, kx);
+      for (std::int64_t l = 0; l < N; ++l) {
         kt[(d + l) * np + j] = kx[l];
         vt[(d + l) * np + j] = vx[l];
       }
     }
   }
   for (std::int64_t i = 0; i < Lp; ++i) {
-    for (std::int64_t d = 0; d < hd; d += W) {
-      vf qx = {}, dx = {};
+    for (std::int64_t d = 0; d < hd; d += N) {
+      VF<N> qx = {}, dx = {};
       if (i < L) {
-        qx = round_like(load16(qcol + i * ld + d) + bias16(bq, d), qcol);
-        dx = load16(dout + i * g.ld_dout + d);
+        qx = round_like<N>(simd::load<N>(qcol + i * ld + d) + bias_n<N>(bq, d), qcol);
+        dx = simd::load<N>(dout + i * g.ld_dout + d);
       }
-      storev(qb + i * hd + d, qx);
-      storev(dob + i * hd + d, dx);
+      simd::store<N>(qb + i * hd + d, qx);
+      simd::store<N>(dob + i * hd + d, dx);
     }
   }
   for (std::int64_t r0 = 0; r0 < Lp; r0 += RB) {
-    abt_rows4(qb + r0 * hd, hd, kt, np, hd, np, P + r0 * np, np);
-    abt_rows4(dob + r0 * hd, hd, vt, np, hd, np, dS + r0 * np, np);
+    simd::abt_rows4<N>(qb + r0 * hd, hd, kt, np, hd, np, P + r0 * np, np);
+    simd::abt_rows4<N>(dob + r0 * hd, hd, vt, np, hd, np, dS + r0 * np, np);
   }
   for (std::int64_t i = 0; i < Lp; ++i) {
     float* p = P + i * np;
@@ -458,43 +449,43 @@ AF_INLINE void attention_backward_task_generic(const BlockAttentionBackwardArgs&
     const float li = lse[i];
     // D_i = sum_j P_ij dP_ij from the recomputed P and dP themselves, not dO_i . O_i: with O
     // rounded to bfloat16 the latter is off by ~2^-9, and dP - D cancels where P is peaked.
-    vf dd = {};
-    for (std::int64_t j = 0; j < np; j += W) {
-      const vf x = (loadv(p + j) * a.scale + loadv(bb1 + j)) + loadv(b2 + j);
-      const vf pj = vexp(x - li);
-      storev(p + j, pj);
-      dd += pj * loadv(ds + j);
+    VF<N> dd = {};
+    for (std::int64_t j = 0; j < np; j += N) {
+      const VF<N> x = (simd::load<N>(p + j) * a.scale + simd::load<N>(bb1 + j)) + simd::load<N>(b2 + j);
+      const VF<N> pj = simd::exp<N>(x - li);
+      simd::store<N>(p + j, pj);
+      dd += pj * simd::load<N>(ds + j);
     }
-    const float di = reduce_add(dd);
+    const float di = simd::reduce_add<N>(dd);
     Dv[i] = di;
-    for (std::int64_t j = 0; j < np; j += W)
-      storev(ds + j, loadv(p + j) * (loadv(ds + j) - di) * a.scale);
+    for (std::int64_t j = 0; j < np; j += N)
+      simd::store<N>(ds + j, simd::load<N>(p + j) * (simd::load<N>(ds + j) - di) * a.scale);
   }
   float* sums = sc.sums.data();  // this (b, h)'s column sums of dq, dk, dv
   std::memset(sums, 0, static_cast<std::size_t>(3 * hd) * sizeof(float));
   // dq = dS K over the kept keys
   for (std::int64_t r0 = 0; r0 < Lp; r0 += RB)
-    ab_rows4_all(dS + r0 * np, np, kb, hd, hd, ks.n, ob + r0 * hd, nullptr);
+    simd::ab_rows4_all<N>(dS + r0 * np, np, kb, hd, hd, ks.n, ob + r0 * hd, nullptr);
   for (std::int64_t i = 0; i < L; ++i)
-    for (std::int64_t d = 0; d < hd; d += W) {
-      const vf x = loadv(ob + i * hd + d);
-      store16(dq + i * g.ld_dqkv + d, x);
-      storev(sums + d, loadv(sums + d) + x);
+    for (std::int64_t d = 0; d < hd; d += N) {
+      const VF<N> x = simd::load<N>(ob + i * hd + d);
+      simd::store<N>(dq + i * g.ld_dqkv + d, x);
+      simd::store<N>(sums + d, simd::load<N>(sums + d) + x);
     }
   // dv = P^T dO and dk = dS^T Q for the kept keys; the others' are zero.
   for (int which = 0; which < 2; ++which) {
     transpose(which == 0 ? P : dS, Tb, Lp, np);
     for (std::int64_t r0 = 0; r0 < np; r0 += RB)
-      ab_rows4_all(Tb + r0 * Lp, Lp, which == 0 ? dob : qb, hd, hd, L, ob + r0 * hd, nullptr);
+      simd::ab_rows4_all<N>(Tb + r0 * Lp, Lp, which == 0 ? dob : qb, hd, hd, L, ob + r0 * hd, nullptr);
     T* dst = which == 0 ? dvo : dk;
     float* s = sums + (which == 0 ? 2 : 1) * hd;
     for (std::int64_t i = 0; i < L; ++i)
       if (!ks.all) std::memset(dst + i * g.ld_dqkv, 0, static_cast<std::size_t>(hd) * sizeof(T));
     for (std::int64_t j = 0; j < ks.n; ++j)
-      for (std::int64_t d = 0; d < hd; d += W) {
-        const vf x = loadv(ob + j * hd + d);
-        store16(dst + ks.pos[j] * g.ld_dqkv + d, x);
-        storev(s + d, loadv(s + d) + x);
+      for (std::int64_t d = 0; d < hd; d += N) {
+        const VF<N> x = simd::load<N>(ob + j * hd + d);
+        simd::store<N>(dst + ks.pos[j] * g.ld_dqkv + d, x);
+        simd::store<N>(s + d, simd::load<N>(s + d) + x);
       }
   }
   if (g.bias_partials)
@@ -630,17 +621,18 @@ void attention_task_avx512_bf16(const BlockAttentionArgs& a, std::int64_t bh, st
       }
       const bool qh = a.rule == kRuleQueryOrKeyPlus1 && hid[sc.qpos[r]] != 0;
       const float mx =
-          biased_row(s, qh ? sc.b1q.data() : sc.b1.data(), sc.b2.data(), np, a.scale);
-      vf acc = {};
+          simd::biased_row<16>(s, qh ? sc.b1q.data() : sc.b1.data(), sc.b2.data(), np, a.scale);
+      VF<16> acc = {};
       for (std::int64_t j = 0; j < np; j += KB) {
-        const vf p0 = vexp(loadv(s + j) - mx), p1 = vexp(loadv(s + j + W) - mx);
+        const VF<16> p0 = simd::exp<16>(simd::load<16>(s + j) - mx);
+        const VF<16> p1 = simd::exp<16>(simd::load<16>(s + j + 16) - mx);
         acc += p0 + p1;
         __m512 f0, f1;
         std::memcpy(&f0, &p0, sizeof(f0));
         std::memcpy(&f1, &p1, sizeof(f1));
         _mm512_storeu_si512(reinterpret_cast<__m512i*>(pr + j / 2), pack_pairs(f0, f1));
       }
-      const float l = reduce_add(acc);
+      const float l = simd::reduce_add<16>(acc);
       rinv[r] = 1.0f / l;
       if (a.lse) a.lse[bh * a.length + sc.qpos[r]] = mx + std::log(l);
     }
@@ -695,35 +687,35 @@ struct Kernels {  // [0]: float32 storage, [1]: bfloat16
   AttentionBackwardFn attention_backward[2];
 };
 
-#define AF_LEVEL_KERNELS(SUFFIX, TARGET)                                                          \
+#define AF_LEVEL_KERNELS(SUFFIX, TARGET, N)                                                        \
   template <class T>                                                                              \
   TARGET void layernorm_##SUFFIX(const ResidualLayerNormArgs& a, std::int64_t r0, std::int64_t r1, \
                                  float* tmp, float* pool, std::int64_t w) {                      \
-    layernorm_rows<T>(a, r0, r1, tmp, pool, w);                                                   \
+    layernorm_rows<T, N>(a, r0, r1, tmp, pool, w);                                                   \
   }                                                                                               \
   template <class T>                                                                              \
   TARGET void tanh_##SUFFIX(const BiasTanhArgs& a, std::int64_t r0, std::int64_t r1) {            \
-    tanh_rows<T>(a, r0, r1);                                                                      \
+    tanh_rows<T, N>(a, r0, r1);                                                                      \
   }                                                                                               \
   template <class T>                                                                              \
   TARGET void attention_##SUFFIX(const BlockAttentionArgs& a, std::int64_t bh, std::int64_t q0,   \
                                  std::int64_t q1, AttnScratch& sc) {                             \
-    attention_task_generic<T>(a, bh, q0, q1, sc);                                                 \
+    attention_task_generic<T, N>(a, bh, q0, q1, sc);                                                 \
   }                                                                                               \
   template <class T>                                                                              \
   TARGET void layernorm_backward_##SUFFIX(const ResidualLayerNormBackwardArgs& a, std::int64_t r0, \
                                           std::int64_t r1, float* g, float* part) {              \
-    layernorm_backward_rows<T>(a, r0, r1, g, part);                                               \
+    layernorm_backward_rows<T, N>(a, r0, r1, g, part);                                               \
   }                                                                                               \
   template <class T>                                                                              \
   TARGET void tanh_backward_##SUFFIX(const TanhBackwardArgs& a, std::int64_t r0, std::int64_t r1, \
                                      float* part) {                                               \
-    tanh_backward_rows<T>(a, r0, r1, part);                                                       \
+    tanh_backward_rows<T, N>(a, r0, r1, part);                                                       \
   }                                                                                               \
   template <class T>                                                                              \
   TARGET void attention_backward_##SUFFIX(const BlockAttentionBackwardArgs& g, std::int64_t bh,   \
                                           AttnBackwardScratch& sc) {                              \
-    attention_backward_task_generic<T>(g, bh, sc);                                                \
+    attention_backward_task_generic<T, N>(g, bh, sc);                                                \
   }                                                                                               \
   const Kernels kernels_##SUFFIX = {                                                              \
       {layernorm_##SUFFIX<float>, layernorm_##SUFFIX<bf16>},                                      \
@@ -733,10 +725,10 @@ struct Kernels {  // [0]: float32 storage, [1]: bfloat16
       {tanh_backward_##SUFFIX<float>, tanh_backward_##SUFFIX<bf16>},                              \
       {attention_backward_##SUFFIX<float>, attention_backward_##SUFFIX<bf16>}};
 
-AF_LEVEL_KERNELS(baseline, )
+AF_LEVEL_KERNELS(baseline, , 4)
 #if AF_X86_LEVELS
-AF_LEVEL_KERNELS(avx2, AF_TARGET_V3)
-AF_LEVEL_KERNELS(avx512, AF_TARGET_V4)
+AF_LEVEL_KERNELS(avx2, AF_TARGET_V3, 8)
+AF_LEVEL_KERNELS(avx512, AF_TARGET_V4, 16)
 // AVX-512 BF16 adds the bfloat16 dot-product attention forward; the rest is the AVX-512 code.
 const Kernels kernels_avx512_bf16 = {
     {layernorm_avx512<float>, layernorm_avx512<bf16>},
@@ -972,7 +964,7 @@ void dropout_keep_mask(std::uint64_t seed, float keep, std::int64_t rows, std::i
   for (std::int64_t r = 0; r < rows; ++r) {
     const std::uint32_t rk = drop.on ? row_key(seed, r) : 0u;
     for (std::int64_t c = 0; c < cols; c += W) {
-      const vf m = drop.on ? drop.scale(rk, c) : splat(1.0f);
+      const VF<16> m = drop.on ? drop.scale<16>(rk, c) : simd::splat<16>(1.0f);
       for (std::int64_t l = 0; l < W; ++l) out[r * cols + c + l] = m[l] != 0.0f;
     }
   }
