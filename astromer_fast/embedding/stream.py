@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from astromer_fast.data import basic_clean, make_windows
+from astromer_fast.data.fast_host import host_path, prepare_cpp
 from astromer_fast.data.layouts import Layout, decode_batch, detect_layout, iter_grouped
 from astromer_fast.embedding.device import Timers, pin
 from astromer_fast.embedding.inputs import open_parquet
@@ -72,8 +73,17 @@ def reject_reason(report, problems, i, n_left, min_obs) -> str:
     return f"{why} ({dropped})" if dropped else why
 
 
-def prepare(batch, layout: Layout, *, window: int, window_mode: str, min_obs: int,
-            cuda: bool = False, bands=None, timers: Timers | None = None) -> Chunk:
+def prepare(batch, layout: Layout, **kw) -> Chunk:
+    """Decode, clean, window and sort one batch: in C++ (``fast_host.prepare_cpp``), or with
+    numpy (``prepare_python``, the reference) when ``$ASTROMER_FAST_HOST`` is "python". Both
+    give the same chunk, bit for bit."""
+    if host_path() == "python":
+        return prepare_python(batch, layout, **kw)
+    return prepare_cpp(batch, layout, **kw)
+
+
+def prepare_python(batch, layout: Layout, *, window: int, window_mode: str, min_obs: int,
+                   cuda: bool = False, bands=None, timers: Timers | None = None) -> Chunk:
     """Decode (vectorised), clean (``basic_clean``), window (``make_windows``) and sort one
     batch. The only Python loop is over rejected curves, to word their reasons."""
     tm = timers if timers is not None else Timers()
