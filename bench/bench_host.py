@@ -236,8 +236,9 @@ def main(argv=None):
                    "curves_per_s": n / res["wall_s"] if "wall_s" in res else None, **res}
             rows.append(row)
             if "cpu_s" in res:
-                print(f"{kind:9s} {host:6s} x{k} {n:>8d} curves: {row['obs_per_s_per_core']/1e6:7.2f}"
-                      f" M obs/s/core, {row['curves_per_s']:9.0f} curves/s, wall "
+                rate = row["obs_per_s_per_core"] / 1e6
+                print(f"{kind:9s} {host:6s} x{k} {n:>8d} curves: {rate:7.2f} M obs/s/core,"
+                      f" {row['curves_per_s']:9.0f} curves/s, wall "
                       f"{res['wall_s']:.1f} s, cpu {res['cpu_s']:.1f} s, peak RSS "
                       f"{res['peak_rss_mb']:.0f} MB  {res.get('stages_s', '')}", flush=True)
             return row
