@@ -6,11 +6,13 @@
 
 #include <cstdint>
 #include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
 #include "bindings_common.h"
 #include "cpu/fused_block.h"
+#include "cpu/host_windows.h"
 #include "cpu/input_embedding.h"
 #include "cpu/isa.h"
 #include "cpu/masked_attention.h"
@@ -279,6 +281,83 @@ py::dict build_info() {
   return d;
 }
 
+
+// An observation column as 7 integers: (values, is_f64, offset, valid_bits, parent_bits,
+// parent_offset, starts); addresses are 0 when absent.
+cpu::ObsColumn obs_column(const std::vector<std::int64_t>& c, const char* name) {
+  if (c.size() != 7)
+    throw std::invalid_argument(std::string(name) + " must be 7 integers (values, is_f64, offset, "
+                                "valid_bits, parent_bits, parent_offset, starts)");
+  cpu::ObsColumn col;
+  col.values = as_ptr<const void>(static_cast<std::uintptr_t>(c[0]));
+  col.is_f64 = c[1] != 0;
+  col.offset = c[2];
+  col.valid_bits = as_ptr<const std::uint8_t>(static_cast<std::uintptr_t>(c[3]));
+  col.parent_bits = as_ptr<const std::uint8_t>(static_cast<std::uintptr_t>(c[4]));
+  col.parent_offset = c[5];
+  col.starts = as_ptr<const std::int64_t>(static_cast<std::uintptr_t>(c[6]));
+  return col;
+}
+
+std::int64_t host_clean(std::int64_t n_curves, std::uintptr_t lengths,
+                        const std::vector<std::int64_t>& time, const std::vector<std::int64_t>& mag,
+                        const std::vector<std::int64_t>& err, double time_limit, double mag_limit,
+                        std::int64_t window, std::int64_t min_obs, int mode,
+                        std::uintptr_t scratch_offsets, std::uintptr_t clean_time,
+                        std::uintptr_t clean_mag, std::uintptr_t n_out, std::uintptr_t nonfinite,
+                        std::uintptr_t out_of_range, std::uintptr_t nonpositive_err,
+                        std::uintptr_t duplicate_time, std::uintptr_t resorted,
+                        std::uintptr_t windows_per_curve) {
+  cpu::HostCleanArgs a;
+  a.n_curves = n_curves;
+  set_ptr(a.lengths, lengths);
+  a.time = obs_column(time, "time");
+  a.mag = obs_column(mag, "mag");
+  a.err = obs_column(err, "err");
+  a.time_limit = time_limit;
+  a.mag_limit = mag_limit;
+  a.window = window;
+  a.min_obs = min_obs;
+  a.mode = mode;
+  set_ptr(a.scratch_offsets, scratch_offsets);
+  set_ptr(a.clean_time, clean_time);
+  set_ptr(a.clean_mag, clean_mag);
+  set_ptr(a.n_out, n_out);
+  set_ptr(a.nonfinite, nonfinite);
+  set_ptr(a.out_of_range, out_of_range);
+  set_ptr(a.nonpositive_err, nonpositive_err);
+  set_ptr(a.duplicate_time, duplicate_time);
+  set_ptr(a.resorted, resorted);
+  set_ptr(a.windows_per_curve, windows_per_curve);
+  return cpu::host_clean(a);
+}
+
+void host_windows(std::int64_t n_curves, std::int64_t window, int mode,
+                  std::uintptr_t scratch_offsets, std::uintptr_t clean_time,
+                  std::uintptr_t clean_mag, std::uintptr_t n_out, std::uintptr_t windows_per_curve,
+                  std::int64_t n_windows, std::uintptr_t t, std::uintptr_t m, std::uintptr_t valid,
+                  std::uintptr_t curve, std::uintptr_t n_valid, std::uintptr_t start,
+                  std::uintptr_t order) {
+  cpu::HostWindowArgs a;
+  a.n_curves = n_curves;
+  a.window = window;
+  a.mode = mode;
+  set_ptr(a.scratch_offsets, scratch_offsets);
+  set_ptr(a.clean_time, clean_time);
+  set_ptr(a.clean_mag, clean_mag);
+  set_ptr(a.n_out, n_out);
+  set_ptr(a.windows_per_curve, windows_per_curve);
+  a.n_windows = n_windows;
+  set_ptr(a.t, t);
+  set_ptr(a.m, m);
+  set_ptr(a.valid, valid);
+  set_ptr(a.curve, curve);
+  set_ptr(a.n_valid, n_valid);
+  set_ptr(a.start, start);
+  set_ptr(a.order, order);
+  cpu::host_windows(a);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, mod) {
@@ -374,6 +453,24 @@ PYBIND11_MODULE(_C, mod) {
           py::arg("dout"), py::arg("ld_dout"), py::arg("dqkv"), py::arg("ld_dqkv"),
           py::arg("bias_partials"), py::arg("num_threads") = 1,
           py::call_guard<py::gil_scoped_release>());
+  // The host side of embedding (cpu/host_windows.h): Arrow buffers in, batch buffers out.
+  mod.def("host_clean", &host_clean,
+          "Clean the light curves of one batch read in place from Arrow buffers into the scratch "
+          "buffers; per-curve drop counts and windows. Returns the number of windows.",
+          py::arg("n_curves"), py::arg("lengths"), py::arg("time"), py::arg("mag"), py::arg("err"),
+          py::arg("time_limit"), py::arg("mag_limit"), py::arg("window"), py::arg("min_obs"),
+          py::arg("mode"), py::arg("scratch_offsets"), py::arg("clean_time"),
+          py::arg("clean_mag"), py::arg("n_out"), py::arg("nonfinite"), py::arg("out_of_range"),
+          py::arg("nonpositive_err"), py::arg("duplicate_time"), py::arg("resorted"),
+          py::arg("windows_per_curve"), py::call_guard<py::gil_scoped_release>());
+  mod.def("host_windows", &host_windows,
+          "Centred, padded windows of the cleaned curves, sorted by decreasing valid count, "
+          "written into the batch buffers.",
+          py::arg("n_curves"), py::arg("window"), py::arg("mode"), py::arg("scratch_offsets"),
+          py::arg("clean_time"), py::arg("clean_mag"), py::arg("n_out"),
+          py::arg("windows_per_curve"), py::arg("n_windows"), py::arg("t"), py::arg("m"),
+          py::arg("valid"), py::arg("curve"), py::arg("n_valid"), py::arg("start"),
+          py::arg("order"), py::call_guard<py::gil_scoped_release>());
   mod.def("cpu_isa_info", &cpu_isa_info,
           "The CPU's model and vector features, and the ISA level the fused-block kernels use.");
   mod.def("set_cpu_isa", &set_cpu_isa,

@@ -48,3 +48,17 @@ def test_bench_model_on_real_eros_windows(tmp_path):
                     tmp_path=tmp_path)
     assert result["data"] == "eros" and result["windows"] == 8
     assert not [r for r in result["rows"] if r["error"]]
+
+
+def test_bench_host_runs_both_host_paths(tmp_path):
+    result, text = run("bench_host.py", "--curves", "300", "--python-curves", "200",
+                       "--overhead-curves", "40", "--threads", "1,2", "--max-len", "120",
+                       tmp_path=tmp_path)
+    rows = result["rows"]
+    kinds = {(r["what"], r["host"]) for r in rows}
+    assert kinds == {("host", "python"), ("host", "cpp"), ("pipeline", "python"),
+                     ("pipeline", "cpp"), ("overhead", "cpp")}, kinds
+    host = [r for r in rows if r["what"] != "overhead"]
+    assert all(r["obs_per_s_per_core"] > 0 and r["peak_rss_mb"] > 0 for r in host)
+    assert {r["curves"] for r in rows if r["what"] == "host" and r["host"] == "cpp"} == {200, 300}
+    assert "M obs/s/core" in text and "machine:" in text

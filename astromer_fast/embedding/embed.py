@@ -40,7 +40,9 @@ import glob as _glob
 import hashlib
 import json
 import os
+import queue
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,6 +159,43 @@ def _layers_array(a: np.ndarray, d: int, n_layers: int):
     return pa.FixedSizeListArray.from_arrays(inner, n_layers)
 
 
+class _WriterThread:
+    """Writes an output's tables on a thread of its own, in order, so that compression and I/O
+    overlap the model. At most ``depth`` tables wait (memory stays bounded); an error in the
+    writer is raised by the next ``put`` or by ``finish``."""
+
+    def __init__(self, write, depth: int = 2):
+        self.write, self.error = write, None
+        self.q = queue.Queue(maxsize=depth)
+        self.thread = threading.Thread(target=self._run, name="astromer-write", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            if self.error is None:
+                try:
+                    self.write(*item)
+                except BaseException as e:  # noqa: BLE001 - handed to the caller
+                    self.error = e
+
+    def _raise(self):
+        if self.error is not None:
+            raise self.error
+
+    def put(self, table, rejects):
+        self._raise()
+        self.q.put((table, rejects))
+
+    def finish(self, raise_error: bool = True):
+        self.q.put(None)
+        self.thread.join()
+        if raise_error:
+            self._raise()
+
+
 class _Sink:
     """Writes one input's outputs incrementally: ParquetWriter on temporary files of names unique
     to this writer, with page checksums; ``commit`` records the row counts in both footers,
@@ -168,6 +207,7 @@ class _Sink:
         self.dest, self.rdest, self.schema = dest, rdest, schema
         self.tables, self.rejects = [], []
         self.writer = self.rwriter = None
+        self.thread = None  # writes (compression, I/O) off the model's thread
         self.rows = self.rejected = 0
         if dest is not None:
             meta = dict(schema.metadata or {})
@@ -185,6 +225,11 @@ class _Sink:
             self.tables.append(table)
             self.rejects.append(rejects)
             return
+        if self.thread is None:
+            self.thread = _WriterThread(self._write_now)
+        self.thread.put(table, rejects)
+
+    def _write_now(self, table: pa.Table, rejects: pa.Table):
         if table.num_rows:
             self.writer.write_table(table)
             self.rows += table.num_rows
@@ -195,6 +240,8 @@ class _Sink:
     def commit(self):
         if self.writer is None:
             return
+        if self.thread is not None:
+            self.thread.finish()  # every table written (or the writer's error raised)
         if CAN_RECORD_COUNTS:
             counts = {COUNTS_KEY: json.dumps({"rows": self.rows, "rejects": self.rejected})}
             self.writer.add_key_value_metadata(counts)
@@ -204,6 +251,8 @@ class _Sink:
         commit([(self.rtmp, self.rdest), (self.tmp, self.dest)])
 
     def abort(self):
+        if self.thread is not None:
+            self.thread.finish(raise_error=False)
         for w in (self.writer, self.rwriter):
             if w is not None:
                 try:

@@ -17,13 +17,14 @@ from astromer_fast.data.layouts import NotGroupedError
 PAGE_CHECKSUMS = "page_checksum_verification" in inspect.signature(pq.ParquetFile).parameters
 
 
-def open_parquet(path) -> pq.ParquetFile:
+def open_parquet(path, metadata=None) -> pq.ParquetFile:
     """A Parquet file whose pages are verified against the CRC checksums its writer stored (a
     page corrupted on disk then fails to read, naming the file, instead of being decoded into
-    wrong numbers). Files written without checksums (the pyarrow default) read as before."""
+    wrong numbers). Files written without checksums (the pyarrow default) read as before.
+    ``metadata``: the file's footer, already read (another handle on the same file)."""
     if not PAGE_CHECKSUMS:
-        return pq.ParquetFile(path)
-    return pq.ParquetFile(path, page_checksum_verification=True)
+        return pq.ParquetFile(path, metadata=metadata)
+    return pq.ParquetFile(path, metadata=metadata, page_checksum_verification=True)
 
 
 def _strings(column) -> pa.Array:

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from astromer_fast.data import basic_clean, make_windows
+from astromer_fast.data.fast_host import host_path, prepare_cpp
 from astromer_fast.data.layouts import Layout, decode_batch, detect_layout, iter_grouped
 from astromer_fast.embedding.device import Timers, pin
 from astromer_fast.embedding.inputs import open_parquet
@@ -72,8 +73,17 @@ def reject_reason(report, problems, i, n_left, min_obs) -> str:
     return f"{why} ({dropped})" if dropped else why
 
 
-def prepare(batch, layout: Layout, *, window: int, window_mode: str, min_obs: int,
-            cuda: bool = False, bands=None, timers: Timers | None = None) -> Chunk:
+def prepare(batch, layout: Layout, **kw) -> Chunk:
+    """Decode, clean, window and sort one batch: in C++ (``fast_host.prepare_cpp``), or with
+    numpy (``prepare_python``, the reference) when ``$ASTROMER_FAST_HOST`` is "python". Both
+    give the same chunk, bit for bit."""
+    if host_path() == "python":
+        return prepare_python(batch, layout, **kw)
+    return prepare_cpp(batch, layout, **kw)
+
+
+def prepare_python(batch, layout: Layout, *, window: int, window_mode: str, min_obs: int,
+                   cuda: bool = False, bands=None, timers: Timers | None = None) -> Chunk:
     """Decode (vectorised), clean (``basic_clean``), window (``make_windows``) and sort one
     batch. The only Python loop is over rejected curves, to word their reasons."""
     tm = timers if timers is not None else Timers()
@@ -143,6 +153,25 @@ def open_job(job: Job, layout_kw: dict):
         raise InputFileError(msg) from e
 
 
+# Row groups up to this many rows (or 4 read batches) are read whole by a preparing thread;
+# files with bigger ones are read batch by batch on the producer thread, so memory stays bounded
+# by a few batches whatever the file's row groups.
+ROW_GROUP_ROWS = 65536
+
+
+def _row_groups(job: Job, rows: int):
+    """(footer, number of row groups) when the job's row groups are read by the preparing
+    threads, else None. Chunks are then cut at row-group boundaries whatever the number of
+    threads, so the outputs do not depend on it."""
+    if job.path is None:
+        return None
+    metadata = open_parquet(job.path).metadata
+    n = metadata.num_row_groups
+    if any(metadata.row_group(i).num_rows > max(ROW_GROUP_ROWS, 4 * rows) for i in range(n)):
+        return None
+    return metadata, n
+
+
 class _Done:
     """An already computed result with the interface of a future."""
 
@@ -205,12 +234,21 @@ class Producer:
                 layout, batches = open_job(job, self.layout_kw)
                 if not self._put(("start", job, layout)):
                     return
+                groups = None if layout.kind == "long" else _row_groups(job, self.rows)
+                if groups is not None:
+                    if not self._run_row_groups(job, layout, *groups):
+                        return
+                    item = ("end", job)
+                    if not self._put(item):
+                        return
+                    continue
                 if layout.kind == "long":
                     it = iter_grouped(batches(self.long_rows), layout.id, job.name)
                 else:
                     it = batches(self.rows)
                 # Batches are read in order on this thread and prepared by ``workers`` threads
-                # (numpy and Arrow release the GIL); chunks are handed on in input order.
+                # (numpy, Arrow and the C++ host pass release the GIL); chunks are handed on in
+                # input order.
                 pending = deque()
                 while True:
                     t0 = time.perf_counter()
@@ -239,6 +277,32 @@ class Producer:
             if not self._put(item):
                 return
         self._put(("done",))
+
+    def _read_and_prepare(self, job, layout, metadata, group):
+        """The chunks of one row group, read and prepared on a preparing thread."""
+        t0 = time.perf_counter()
+        pf = open_parquet(job.path, metadata)  # a handle per thread: readers are not shared
+        batches = list(pf.iter_batches(batch_size=self.rows, row_groups=[group],
+                                       columns=layout.columns(), use_threads=False))
+        self.timers.add("read", time.perf_counter() - t0)
+        return [prepare(rb, layout, timers=self.timers, **self.prep_kw) for rb in batches]
+
+    def _run_row_groups(self, job, layout, metadata, n_groups) -> bool:
+        """Row groups read and prepared by ``workers`` threads at once, chunks handed on in
+        input order; at most ``workers`` row groups are in flight. False when stopped."""
+        pending = deque()
+        for group in range(n_groups + 1):
+            if group < n_groups:
+                if self.pool is None:
+                    pending.append(_Done(self._read_and_prepare(job, layout, metadata, group)))
+                else:
+                    pending.append(self.pool.submit(self._read_and_prepare, job, layout,
+                                                    metadata, group))
+            while pending and (len(pending) >= self.workers or group == n_groups):
+                for chunk in pending.popleft().result():
+                    if not self._put(("chunk", job, chunk)):
+                        return False
+        return True
 
     def __iter__(self):
         while True:
