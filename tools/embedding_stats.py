@@ -32,14 +32,16 @@ from astromer_fast.weights import load_model
 REPO = Path(__file__).resolve().parents[1]
 
 
-def sample_pretraining_rows(data: Path, n: int, seed: int) -> tuple[pa.Table, dict]:
-    """``n`` rows drawn uniformly from the kit's files (test split excluded), with the count
-    taken from each file."""
-    files = sorted(data.glob("*.parquet")) + sorted(data.glob("pretrain/*.parquet"))
+def sample_pretraining_rows(data: Path, n: int, seed: int, files=None) -> tuple[pa.Table, dict]:
+    """``n`` rows drawn uniformly from the kit's files (or ``files``; test split excluded), with
+    the count taken from each file."""
+    if files is None:
+        files = sorted(data.glob("*.parquet")) + sorted(data.glob("pretrain/*.parquet"))
     tables = []
     for f in files:
-        t = pq.read_table(f, columns=["id", "band", "split", "lightcurve"])
-        t = t.filter(pc.fill_null(pc.not_equal(t["split"], "test"), True))
+        t = pq.read_table(f)
+        if "split" in t.column_names:
+            t = t.filter(pc.fill_null(pc.not_equal(t["split"], "test"), True))
         tables.append(t.select(["id", "band", "lightcurve"]).append_column(
             "file", pa.array([f.name] * t.num_rows)))
     everything = pa.concat_tables(tables)
@@ -54,6 +56,28 @@ def sample_pretraining_rows(data: Path, n: int, seed: int) -> tuple[pa.Table, di
             {"rows_available": everything.num_rows, "per_file": per_file})
 
 
+def write_stats(folder, data, curves: int, seed: int = 0, files=None) -> dict:
+    """Embed a sample of the pretraining curves with the model in ``folder`` and store the
+    statistics there; returns what was done."""
+    folder = Path(folder)
+    model = load_model(str(folder))
+    table, drawn = sample_pretraining_rows(Path(data), curves, seed, files)
+    t0 = time.process_time()
+    res = astromer_fast.embed(table, model=model, layers=True, precision="fp32", progress=False)
+    layers = np.asarray(res["layers"].combine_chunks().flatten().flatten().to_numpy(
+        zero_copy_only=False)).reshape(res.num_rows, model.config.n_blocks + 1,
+                                       model.config.d_model)
+    meta = {"computed_from": "uniform random sample of the pretraining data kit's curves "
+            "(EROS-1 test split excluded), embedded by astromer_fast.embed in fp32 "
+            "(overlapping windows, official cleaning)",
+            "curves": int(res.num_rows), "drawn": drawn, "seed": seed,
+            "weights_sha256": model.pretrained_info.get("sha256"),
+            "astromer_fast": astromer_fast.__version__}
+    path = save_stats(stats_from_layers(layers, meta), folder)
+    return {"wrote": str(path), "curves": int(res.num_rows),
+            "cpu_s": round(time.process_time() - t0, 1), **drawn}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="model folder (save_pretrained) to write the statistics into")
@@ -63,23 +87,7 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    folder = Path(a.model)
-    model = load_model(str(folder))
-    table, drawn = sample_pretraining_rows(Path(a.data), a.curves, a.seed)
-    t0 = time.process_time()
-    res = astromer_fast.embed(table, model=model, layers=True, precision="fp32", progress=False)
-    layers = np.asarray(res["layers"].combine_chunks().flatten().flatten().to_numpy(
-        zero_copy_only=False)).reshape(res.num_rows, model.config.n_blocks + 1,
-                                       model.config.d_model)
-    meta = {"computed_from": "uniform random sample of the pretraining data kit's curves "
-            "(EROS-1 test split excluded), embedded by astromer_fast.embed in fp32 "
-            "(overlapping windows, official cleaning)",
-            "curves": int(res.num_rows), "drawn": drawn, "seed": a.seed,
-            "weights_sha256": model.pretrained_info.get("sha256"),
-            "astromer_fast": astromer_fast.__version__}
-    path = save_stats(stats_from_layers(layers, meta), folder)
-    print(json.dumps({"wrote": str(path), "curves": int(res.num_rows),
-                      "cpu_s": round(time.process_time() - t0, 1), **drawn}, indent=1))
+    print(json.dumps(write_stats(a.model, a.data, a.curves, a.seed), indent=1))
 
 
 if __name__ == "__main__":
