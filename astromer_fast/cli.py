@@ -37,7 +37,8 @@ def _embed(args):
                   layout=args.layout, bands=args.band, layers=args.layers,
                   per_window=args.per_window, read_batch_rows=args.read_rows,
                   resume=args.resume, continue_on_error=args.continue_on_error,
-                  progress=not args.quiet, precision=args.precision)
+                  progress=not args.quiet, precision=args.precision,
+                  standardize=args.standardize)
     if args.quiet:  # otherwise already said, when the input was redone
         for src, why in summary.redone:
             print(f"redone {src}: {why}", file=sys.stderr)
@@ -135,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--layers", action="store_true",
                    help="also write the (n_blocks+1, D) per-layer means (gamma-weighted input)")
     e.add_argument("--per-window", action="store_true", help="one row per window")
+    e.add_argument("--standardize", action="store_true",
+                   help="centre and scale every channel by the statistics stored with the model "
+                   "(from its pretraining curves): the vectors to use for cosine similarity and "
+                   "nearest-neighbour search")
     e.add_argument("--resume", action="store_true",
                    help="skip inputs whose outputs exist, are complete and were made from the "
                    "same input with the same options and weights; redo the others, saying why")

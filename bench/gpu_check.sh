@@ -11,6 +11,8 @@
 # model, and $OUT/log.txt.
 #   device run: bash bench/gpu_check.sh        (carry: gpu_data = ../shared/data copied, git-ignored)
 # Stage limits (seconds) can be overridden: TRAIN_MIN, PROBE_S, TEST_S, BO_S, BM_S, BE_S, BT_S.
+# CONTINUE_MIN=N (with SKIP_TRAIN=1): then N minutes of continued pretraining of the packaged
+# model (tools/continue_pretraining.py); its files come back as $OUT/continued_*.
 set -uo pipefail
 OUT="${OUT:-$PWD/gpu_out}"
 W="${GPU_WORK:-/tmp/gpu_work}"
@@ -97,4 +99,20 @@ timeout "${BE_S:-60}" python "$B/bench_embed.py" --device cuda --curves 50000 --
 el "bench_embed rc=$?"; tail -20 "$W/bench_embed.txt"; pack
 timeout "${BT_S:-40}" python "$B/bench_train.py" --device cuda --batch-size 512 --steps 150 --json "$W/bench_train.json" > "$W/bench_train.txt" 2>&1
 el "bench_train rc=$?"; tail -5 "$W/bench_train.txt"; pack
+# What the lease has left after its checks: continue pretraining the packaged model
+# (tools/continue_pretraining.py, the recipe of bench/recipe_study.json) in a copy, and send back
+# the copy's files (model.safetensors < 16 MB; the optimizer state stays behind). Copy them into
+# astromer_fast/weights/models/astromer2-base/ when the run says "kept": true.
+if [ -n "$DATA" ] && [ "${CONTINUE_MIN:-0}" != 0 ]; then
+  REPO="$OLDPWD"; cd "$REPO"
+  cp -r astromer_fast/weights/models/astromer2-base "$W/continued"
+  timeout "$(python -c "print(int(60 * ${CONTINUE_MIN} + 180))")" python tools/continue_pretraining.py \
+    --model-dir "$W/continued" --data "$DATA" --minutes "$CONTINUE_MIN" --out "$W/continue_run" \
+    > "$W/continue.txt" 2>&1
+  el "continue_pretraining rc=$?"; tail -3 "$W/continue.txt"
+  for f in model.safetensors config.json embedding_stats.safetensors training_log.json README.md; do
+    cp "$W/continued/$f" "$OUT/continued_$f" 2>/dev/null
+  done
+  pack
+fi
 el "done"

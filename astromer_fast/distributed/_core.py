@@ -36,7 +36,7 @@ from astromer_fast.data.layouts import detect_layout, iter_grouped
 # BatchEmbedder's keywords; everything a worker needs to rebuild the same embedder.
 EMBEDDER_OPTIONS = ("model", "device", "batch_size", "window_mode", "min_obs", "id_col",
                     "band_col", "lightcurve_col", "time_col", "mag_col", "err_col", "layout",
-                    "bands", "layers", "per_window", "precision")
+                    "bands", "layers", "per_window", "precision", "standardize")
 LAYOUT_OPTIONS = ("id_col", "band_col", "lightcurve_col", "time_col", "mag_col", "err_col",
                   "layout")
 

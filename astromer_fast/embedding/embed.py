@@ -62,6 +62,7 @@ from astromer_fast.embedding.outputs import (CAN_RECORD_COUNTS, COUNTS_KEY, INPU
                                              SETTINGS_KEY, OutputFolderLock, commit,
                                              input_identity, plan_outputs, remove_leftover_temps,
                                              temp_path, why_not_reusable)
+from astromer_fast.embedding.standardize import load_stats
 from astromer_fast.embedding.outputs import output_paths  # noqa: F401 - the engines import it here
 from astromer_fast.embedding.stream import LONG_BATCH_ROWS, InputFileError, Job, Producer, \
     open_job, prepare
@@ -278,7 +279,7 @@ def weights_sha256(model) -> tuple[str, str]:
 
 
 def _metadata(model, *, window_mode, min_obs, layout=None, layers=False, per_window=False,
-              bands=None, sha=None, precision=None) -> dict:
+              bands=None, sha=None, precision=None, standardized=None) -> dict:
     from astromer_fast import __version__
 
     info = getattr(model, "pretrained_info", {}) or {}
@@ -293,6 +294,8 @@ def _metadata(model, *, window_mode, min_obs, layout=None, layers=False, per_win
         "layout": None if layout is None else layout.describe(),
         "output": {"per_window": per_window, "layers": layers, "bands": bands},
         "precision": precision,
+        # Present only when standardised, so outputs of earlier versions stay comparable.
+        **({"standardized": standardized} if standardized is not None else {}),
         "preprocessing": {"window": model.config.window, "window_mode": window_mode,
                           "min_obs": min_obs, "cleaning": CLEANING_RULES,
                           "centring": "per-window mean of valid t (float64) and m",
@@ -360,17 +363,20 @@ class BatchEmbedder:
                  window_mode: str = "overlap", min_obs: int = 5, id_col=None, band_col=None,
                  lightcurve_col=None, time_col=None, mag_col=None, err_col=None, layout=None,
                  bands=None, layers: bool = False, per_window: bool = False,
-                 timers: Timers | None = None, precision: str | None = None):
+                 timers: Timers | None = None, precision: str | None = None,
+                 standardize: bool = False):
         from astromer_fast.weights import load_model
 
         self.bands = check_embedder_options(
             batch_size=batch_size, window_mode=window_mode, min_obs=min_obs, id_col=id_col,
             band_col=band_col, lightcurve_col=lightcurve_col, time_col=time_col, mag_col=mag_col,
             err_col=err_col, layout=layout, bands=bands, layers=layers, per_window=per_window,
-            precision=precision)
+            precision=precision, standardize=standardize)
         self.device = resolve_device(device)
         self.net = load_model(model, device=self.device)
         self.net.eval()
+        # Loaded before any work: a model without statistics fails here, naming why.
+        self.stats = load_stats(self.net) if standardize else None
         self.per_window = per_window
         self.d = self.net.config.d_model
         self.n_layers = self.net.config.n_blocks + 1 if layers else None
@@ -383,7 +389,8 @@ class BatchEmbedder:
                                      timers=self.timers, precision=precision)
         self.meta_kw = dict(window_mode=window_mode, min_obs=min_obs, layers=layers,
                             per_window=per_window, bands=self.bands, sha=weights_sha256(self.net),
-                            precision=self.encoder.precision)
+                            precision=self.encoder.precision,
+                            standardized=None if self.stats is None else self.stats.describe())
 
     def detect(self, schema: pa.Schema, where: str = "input"):
         return detect_layout(schema, where, **self.layout_kw)
@@ -402,6 +409,10 @@ class BatchEmbedder:
         """(embeddings, rejects) tables of a prepared chunk; with ``with_index``, also the chunk
         curve index of every row of each, to interleave them back into input order."""
         res = self.encoder.run(chunk, per_window=self.per_window)
+        if self.stats is not None:
+            curve_emb, curve_layers, win_emb, win_layers = res
+            res = (*self.stats.apply(curve_emb, curve_layers), *self.stats.apply(win_emb,
+                                                                                 win_layers))
         t0 = time.perf_counter()
         cols, rejects, index = _chunk_tables(chunk, res, self.d, self.n_layers, self.per_window)
         table = pa.table(cols, schema=schema)
@@ -415,7 +426,8 @@ def embed(source, output=None, *, model=None, batch_size: int = 256, device=None
           bands=None, layers: bool = False, per_window: bool = False,
           read_batch_rows: int = 4096, long_batch_rows: int | None = None,
           resume: bool = False, continue_on_error: bool = False, progress: bool = True,
-          return_rejects: bool = False, prefetch: int = 2, precision: str | None = None):
+          return_rejects: bool = False, prefetch: int = 2, precision: str | None = None,
+          standardize: bool = False):
     """Embed light curves: one vector (``model.config.d_model`` = 256 floats) per (object, band).
 
     ``source``: a Parquet path, glob, directory or list of them, or a ``pyarrow.Table``.
@@ -448,6 +460,10 @@ def embed(source, output=None, *, model=None, batch_size: int = 256, device=None
     ``precision``: "fp32", "bf16" or None/"auto" (``$ASTROMER_FAST_PRECISION``, else on the CPU
     bf16 where it has native bfloat16 arithmetic, else fp32; on CUDA bf16 autocast). The mode used
     is recorded in the output's metadata; ``bench/RESULTS.md`` gives each mode's accuracy.
+    ``standardize=True``: every channel of ``embedding`` (and ``layers``) centred and scaled by
+    the mean and spread stored with the model, measured on its pretraining curves
+    (``astromer_fast.embedding.standardize``); use these for cosine similarity and
+    nearest-neighbour search. A model without stored statistics is an error before any work.
     Every option is checked before any work; a bad one raises ``ValueError`` naming it.
     """
     from tqdm.auto import tqdm
@@ -459,7 +475,8 @@ def embed(source, output=None, *, model=None, batch_size: int = 256, device=None
     embedder_kw = dict(batch_size=batch_size, window_mode=window_mode, min_obs=min_obs,
                        id_col=id_col, band_col=band_col, lightcurve_col=lightcurve_col,
                        time_col=time_col, mag_col=mag_col, err_col=err_col, layout=layout,
-                       bands=bands, layers=layers, per_window=per_window, precision=precision)
+                       bands=bands, layers=layers, per_window=per_window, precision=precision,
+                       standardize=standardize)
     check_embedder_options(**embedder_kw)
     resolve_device(device)
     if output is not None and (not isinstance(output, (str, os.PathLike))

@@ -17,6 +17,7 @@ def _evaluate(args) -> int:
         finetune_batch_size=args.finetune_batch_size, finetune_lr=args.finetune_lr,
         cleaning=args.cleaning, window_mode=args.window_mode, min_obs=args.min_obs,
         batch_size=args.batch_size, device=args.device, features=not args.no_features,
+        feature_set=args.feature_set,
         last_block=not args.no_last_block, figures=not args.no_figures, tsne_max=args.tsne_max,
         classifier=ClassifierSettings(lr=args.clf_lr, batch_size=args.clf_batch_size,
                                       max_epochs=args.clf_epochs, patience=args.clf_patience,
@@ -27,7 +28,7 @@ def _evaluate(args) -> int:
                           concat_bands=args.concat_bands, settings=settings,
                           cache_dir=args.cache_dir, id_col=args.id_col, band_col=args.band_col,
                           log=None if args.quiet else print)
-    except RuntimeError as e:  # e.g. finetuning asked of an installation without it
+    except (RuntimeError, ValueError) as e:  # e.g. finetuning or light-curve not installed
         import sys
 
         print(f"astromer-fast evaluate: error: {e}", file=sys.stderr)
@@ -94,6 +95,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--raw-embeddings", action="store_true",
                    help="feed the layer means unstandardised, as the paper does")
     p.add_argument("--no-features", action="store_true", help="skip the feature baseline")
+    p.add_argument("--feature-set", choices=["light-curve", "builtin"], default=None,
+                   help="the feature baseline: the light-curve package's extractors "
+                   "(default when installed: pip install light-curve) or the 16 builtin "
+                   "statistics (numpy only; the fallback, with a message)")
     p.add_argument("--no-last-block", action="store_true",
                    help="skip the last-block-mean baseline")
     p.add_argument("--no-figures", action="store_true")

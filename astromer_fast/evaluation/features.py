@@ -163,3 +163,107 @@ def light_curve_features(curves, **ls_kw) -> np.ndarray:
         t, m, e = curves.curve(i)
         out[i] = curve_features(t, m, e, **ls_kw)
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The field's library: the `light-curve` package's extractors (optional dependency)
+# ------------------------------------------------------------------------------------------------
+
+# Which feature set ``evaluate`` uses: "light-curve" (the package astronomers use, written in
+# Rust; the default when it is installed) or "builtin" (the 16 statistics above, numpy only).
+FEATURE_SETS = ("light-curve", "builtin")
+# Bumped whenever the light-curve extractor's list or settings change (cache names carry it).
+LC_PACKAGE_FEATURES_VERSION = 1
+
+
+def light_curve_package_available() -> bool:
+    try:
+        import light_curve  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_feature_set(feature_set: str | None, log=None) -> str:
+    """``feature_set`` checked; ``None`` means light-curve when installed, else builtin (said
+    through ``log``). Asking for light-curve without it installed is an error saying how."""
+    if feature_set not in (None, *FEATURE_SETS):
+        raise ValueError(f"feature_set must be one of {FEATURE_SETS}, got {feature_set!r}")
+    if feature_set == "light-curve" and not light_curve_package_available():
+        raise RuntimeError("feature set 'light-curve' needs the light-curve package: "
+                           "pip install light-curve (or 'astromer-fast[eval]'); "
+                           "or use --feature-set builtin")
+    if feature_set is None:
+        if light_curve_package_available():
+            return "light-curve"
+        if log:
+            log("light-curve package not installed: the feature baseline uses the builtin "
+                "statistics (pip install light-curve for the field's extractors)")
+        return "builtin"
+    return feature_set
+
+
+def _lc_package_extractor():
+    """The extractor: the magnitude statistics of the light-curve package that do not depend on
+    the survey's zero point (no mean magnitude), and the two highest Lomb-Scargle peaks (its
+    fast periodogram, up to 10× the median-cadence Nyquist frequency: 0.2 d for daily cadence,
+    where RR Lyrae show as aliases, as they do in any ground-based period search)."""
+    import light_curve as lc
+
+    return lc.Extractor(
+        lc.Amplitude(), lc.BeyondNStd(1.0), lc.Cusum(), lc.Eta(), lc.EtaE(),
+        lc.InterPercentileRange(0.25), lc.InterPercentileRange(0.1), lc.Kurtosis(),
+        lc.LinearTrend(), lc.MagnitudePercentageRatio(0.4, 0.05),
+        lc.MagnitudePercentageRatio(0.25, 0.05), lc.MaximumSlope(),
+        lc.MedianAbsoluteDeviation(), lc.MedianBufferRangePercentage(0.1), lc.PercentAmplitude(),
+        lc.PercentDifferenceMagnitudePercentile(0.05), lc.ReducedChi2(), lc.Skew(),
+        lc.StandardDeviation(), lc.StetsonK(),
+        lc.Periodogram(peaks=2, resolution=10.0, max_freq_factor=10.0, nyquist="median",
+                       fast=True),
+    )
+
+
+def lc_package_feature_names() -> tuple:
+    return tuple(_lc_package_extractor().names)
+
+
+def lc_package_features(curves) -> np.ndarray:
+    """(N, len(lc_package_feature_names())) float32 from the light-curve package for
+    ``astromer_fast.data.Curves`` (cleaned, time-sorted). Periods become log10(days) (a scale
+    the classifier can use); NaN where a feature is undefined (too few points), which
+    ``evaluate`` fills from the training set. Curves without errors get unit errors (the
+    error-weighted features then weigh every point alike)."""
+    ex = _lc_package_extractor()
+    names = list(ex.names)
+    out = np.full((len(curves), len(names)), np.nan, np.float32)
+    items = []
+    for i in range(len(curves)):
+        t, m, e = curves.curve(i)
+        m = np.asarray(m, np.float64)
+        e = np.ones_like(m) if e is None else np.asarray(e, np.float64)
+        items.append((np.asarray(t, np.float64), m, e))
+    if items:
+        with np.errstate(all="ignore"):
+            vals = np.asarray(ex.many(items, sorted=True, check=False, fill_value=np.nan,
+                                      n_jobs=1), np.float64)
+        period = [k for k, n in enumerate(names) if n.startswith("periodogram_period_")
+                  and "s_to_n" not in n]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            vals[:, period] = np.log10(np.where(vals[:, period] > 0, vals[:, period], np.nan))
+        out[:] = np.where(np.isfinite(vals), vals, np.nan)
+    return out
+
+
+def feature_names(feature_set: str) -> tuple:
+    return lc_package_feature_names() if feature_set == "light-curve" else FEATURE_NAMES
+
+
+def feature_set_version(feature_set: str) -> int:
+    return LC_PACKAGE_FEATURES_VERSION if feature_set == "light-curve" else FEATURES_VERSION
+
+
+def features_of(curves, feature_set: str) -> np.ndarray:
+    """The features of ``feature_set`` for every curve (float32, NaN where undefined)."""
+    if feature_set == "light-curve":
+        return lc_package_features(curves)
+    return light_curve_features(curves)

@@ -263,7 +263,8 @@ def write_report(result, out_dir) -> Path:
           f"{clf['batch_size']}, at most {clf['max_epochs']} epochs, early stopping (patience "
           f"{clf['patience']}) on {st['val_fraction']:.0%} of each fold's distinct samples, "
           f"best weights kept; inputs {inputs}. Baselines go through the same network: "
-          f"last-block mean (K = 1) and hand-crafted features (always standardised).",
+          f"last-block mean (K = 1) and hand-crafted features (always standardised; "
+          f"{_feature_set_words(st.get('feature_set'))}).",
           f"- Preprocessing: {st['cleaning']} cleaning, windows `{st['window_mode']}`, curves "
           f"with fewer than {st['min_obs']} observations left out; curve embedding = window "
           f"embeddings averaged with valid-count weights; device {st['device']}.",
@@ -350,3 +351,11 @@ def _json_default(o):
     if isinstance(o, np.ndarray):
         return o.tolist()
     return str(o)
+
+
+def _feature_set_words(feature_set) -> str:
+    if feature_set == "light-curve":
+        return "the light-curve package's extractors, periods as log10 days"
+    if feature_set == "builtin":
+        return "the 16 builtin statistics of astromer_fast.evaluation.features"
+    return "none"

@@ -6,7 +6,8 @@ Methods compared on exactly the same samples:
 * ``<model> γ-weighted``: the paper's classifier on the (n_blocks + 1) layer means;
 * ``<model> last block``: the same network on the last block's mean alone (the Astromer 1
   paper's embedding), one per model;
-* ``features``: the same network on hand-crafted statistics (``evaluation.features``).
+* ``features``: the same network on hand-crafted statistics (``evaluation.features``): the
+  `light-curve` package's extractors when it is installed, else the builtin 16.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class EvalSettings:
     batch_size: int = 256          # windows per encoder call when embedding
     device: str | None = None
     features: bool = True          # the hand-crafted feature baseline
+    feature_set: str | None = None  # "light-curve" or "builtin" (None: light-curve if installed)
     last_block: bool = True        # the last-block-mean baseline of every model
     figures: bool = True
     tsne_max: int = 600            # test samples in the t-SNE figure (stratified)
@@ -191,29 +193,28 @@ def _sample_stack(per_curve: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return np.concatenate([per_curve[rows[:, b]] for b in range(rows.shape[1])], axis=-1)
 
 
-def _feature_stack(ds: LabelledSet, curve_idx, cache_dir, log):
-    from astromer_fast.evaluation.features import (
-        FEATURE_NAMES,
-        FEATURES_VERSION,
-        light_curve_features,
-    )
+def _feature_stack(ds: LabelledSet, curve_idx, cache_dir, log, feature_set: str = "builtin"):
+    from astromer_fast.evaluation.features import feature_names, feature_set_version, features_of
 
+    names = feature_names(feature_set)
+    version = feature_set_version(feature_set)
     keys = [ds.keys[i] for i in curve_idx]
     cache = None
     if cache_dir is not None:
-        cache = ArrayCache(cache_dir, f"features-v{FEATURES_VERSION}-{ds.cleaning}",
-                           (1, len(FEATURE_NAMES)),
-                           {"what": "hand-crafted features", "version": FEATURES_VERSION,
-                            "names": list(FEATURE_NAMES), "cleaning": ds.cleaning})
+        prefix = "features" if feature_set == "builtin" else "features-lcpkg"
+        cache = ArrayCache(cache_dir, f"{prefix}-v{version}-{ds.cleaning}", (1, len(names)),
+                           {"what": f"hand-crafted features ({feature_set})",
+                            "version": version, "names": list(names),
+                            "cleaning": ds.cleaning})
         vals, found = cache.get(keys)
     else:
-        vals = np.full((len(keys), 1, len(FEATURE_NAMES)), np.nan, np.float32)
+        vals = np.full((len(keys), 1, len(names)), np.nan, np.float32)
         found = np.zeros(len(keys), bool)
     todo = np.flatnonzero(~found)
     if len(todo):
         if log:
-            log(f"features of {len(todo)} curve(s)")
-        new = light_curve_features(ds.curves.take(np.asarray(curve_idx)[todo]))[:, None, :]
+            log(f"features ({feature_set}) of {len(todo)} curve(s)")
+        new = features_of(ds.curves.take(np.asarray(curve_idx)[todo]), feature_set)[:, None, :]
         vals[todo] = new
         if cache is not None:
             cache.put([keys[i] for i in todo], new)
@@ -264,6 +265,11 @@ def evaluate(source, label_col: str = "label", *, models=(None,), out=None,
         raise RuntimeError("finetune_steps > 0 but astromer_fast.training.finetune does not exist "
                            "in this installation; use finetune_steps=0")
 
+    feature_set = None
+    if s.features:
+        from astromer_fast.evaluation.features import resolve_feature_set
+
+        feature_set = resolve_feature_set(s.feature_set, log)
     t0 = time.perf_counter()
     ds = load_labelled(source, label_col, split_col=split_col, bands=bands,
                        concat_bands=concat_bands, cleaning=s.cleaning, min_obs=s.min_obs,
@@ -357,10 +363,12 @@ def evaluate(source, label_col: str = "label", *, models=(None,), out=None,
                 test_ok = test_ok[~bad]
     if s.features:
         t0 = time.perf_counter()
-        from astromer_fast.evaluation.features import FEATURE_NAMES
+        from astromer_fast.evaluation.features import feature_names
 
-        per_curve = np.full((len(ds.curves), 1, len(FEATURE_NAMES)), np.nan, np.float32)
-        per_curve[needed_curves] = _feature_stack(ds, needed_curves, cache_dir, log)
+        per_curve = np.full((len(ds.curves), 1, len(feature_names(feature_set))), np.nan,
+                            np.float32)
+        per_curve[needed_curves] = _feature_stack(ds, needed_curves, cache_dir, log,
+                                                  feature_set)
         feat_stack = _sample_stack(per_curve, ds.rows)
         timings["features"] = time.perf_counter() - t0
 
@@ -408,6 +416,7 @@ def evaluate(source, label_col: str = "label", *, models=(None,), out=None,
 
     result = EvaluationResult(
         settings={**dataclasses.asdict(s), "spc": list(s.spc), "device": str(device),
+                  "feature_set": feature_set,
                   "models": [e.source for e in encoders]},
         dataset={"source": "table" if not isinstance(source, (str, Path)) else str(source),
                  "label_col": label_col, "split": ds.split_source, "bands": ds.bands,
