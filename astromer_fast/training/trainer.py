@@ -75,10 +75,11 @@ class TrainSettings:
     random_frac: float = 0.2
     # None: bf16 autocast on CUDA; on the CPU bf16 where it has native bfloat16 arithmetic.
     bf16: bool | None = None
-    backend: str | None = None  # kernel backend (None: fastest available)
-    sdpa: bool = False  # attention through torch's SDPA instead of the masked_attention op
+    # Kernel backend (None: the device's default); "sdpa": PyTorch with torch's fused attention.
+    backend: str | None = None
+    sdpa: bool = False  # deprecated: the old spelling of backend="sdpa"
     # On the CPU, the encoder through the fused passes (astromer_fast.model.fused_cpu) when the
-    # model's shape allows and neither backend nor sdpa asks for the plain model.
+    # model's shape allows and no backend asks for the plain model.
     cpu_fused: bool = True
     length_group: int = 16  # batches sorted together by length within a shuffled span
     max_bad_steps: int = 20  # consecutive non-finite steps before giving up
@@ -90,6 +91,13 @@ class TrainSettings:
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if self.sdpa:
+            if self.backend not in (None, "torch", "sdpa"):
+                raise ValueError(f"sdpa=True (deprecated: backend='sdpa') contradicts "
+                                 f"backend={self.backend!r}")
+            warnings.warn("TrainSettings(sdpa=True) is deprecated; use backend='sdpa'",
+                          DeprecationWarning, stacklevel=3)
+            self.backend, self.sdpa = "sdpa", False
         self.fractions()  # validates them
 
     def fractions(self) -> MaskFractions:
@@ -167,7 +175,7 @@ def uses_cpu_fused(model, s: TrainSettings, device) -> bool:
     from astromer_fast.model.fused_cpu import fused_cpu_unsupported
 
     return (torch.device(device).type == "cpu" and s.cpu_fused and s.backend in (None, "cpu")
-            and not s.sdpa and fused_cpu_unsupported(model.config) is None)
+            and fused_cpu_unsupported(model.config) is None)
 
 
 def uses_bf16(s: TrainSettings, device) -> bool:
@@ -184,7 +192,7 @@ def _forward_loss(model, b, s: TrainSettings, use_bf16: bool, fused: bool = Fals
     else:
         with torch.autocast(device_type=b["t"].device.type, dtype=torch.bfloat16,
                             enabled=use_bf16):
-            pred = model(b["t"], b["m_in"], b["hidden"], backend=s.backend, use_sdpa=s.sdpa)
+            pred = model(b["t"], b["m_in"], b["hidden"], backend=s.backend)
     pred = pred.float()
     loss = weighted_rmse(pred, b["target"], b["err"], b["probed"], b["valid"], backend=s.backend)
     return pred, loss
