@@ -9,11 +9,13 @@ from astromer_fast.weights import (  # noqa: E402
     load_official_checkpoint,
     save_pretrained,
 )
-from astromer_fast.embedding import embed  # noqa: E402
+from astromer_fast.embedding import Columns, Embedder, embed  # noqa: E402
 
 __all__ = [
     "Astromer",
     "AstromerConfig",
+    "Columns",
+    "Embedder",
     "embed",
     "from_pretrained",
     "load_model",

@@ -107,7 +107,7 @@ def model_only_variants(model, device, compile_ref: bool, precision: str):
         def f(t, m, valid):
             with torch.autocast(device.type, dtype=torch.bfloat16,
                                 enabled=precision_ == "bf16"):
-                out = encode(t, m, ~valid, backend="torch", use_sdpa=True).last
+                out = encode(t, m, ~valid, backend="sdpa").last
             return masked_mean(out.float(), valid)
         return f
 

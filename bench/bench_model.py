@@ -160,7 +160,7 @@ def _adam(model):
 def ref_variant(precision, sdpa, compiled=False):
     def build(model, device):
         emb_model, train_model = copy.deepcopy(model).eval(), copy.deepcopy(model)
-        kw = dict(backend="torch", use_sdpa=sdpa)
+        kw = dict(backend="sdpa" if sdpa else "torch")
         encode = emb_model.encode
         forward = train_model
         if compiled:

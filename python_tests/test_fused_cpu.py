@@ -454,7 +454,10 @@ def test_trainer_takes_the_fused_path_on_the_cpu_unless_asked_not_to():
     assert uses_cpu_fused(model, TrainSettings(), "cpu")
     assert not uses_cpu_fused(model, TrainSettings(cpu_fused=False), "cpu")
     assert not uses_cpu_fused(model, TrainSettings(backend="torch"), "cpu")
-    assert not uses_cpu_fused(model, TrainSettings(sdpa=True), "cpu")
+    assert not uses_cpu_fused(model, TrainSettings(backend="sdpa"), "cpu")
+    with pytest.warns(DeprecationWarning, match="backend='sdpa'"):
+        old = TrainSettings(sdpa=True)
+    assert old.backend == "sdpa" and not uses_cpu_fused(model, old, "cpu")
     odd = Astromer(AstromerConfig(n_blocks=1, d_model=24, n_heads=1, dff=48))
     assert not uses_cpu_fused(odd, TrainSettings(), "cpu")
     assert uses_bf16(TrainSettings(bf16=True), "cpu")

@@ -561,7 +561,7 @@ def test_model_attention_weights_and_sdpa_still_work():
     with torch.no_grad():
         out = model.encode(t, m, ~valid, return_attention=True)
         a = model.encode(t, m, ~valid, backend="torch").last
-        b = model.encode(t, m, ~valid, use_sdpa=True).last
+        b = model.encode(t, m, ~valid, backend="sdpa").last
     assert len(out.attention) == 6 and out.attention[0].shape == (3, 4, 200, 200)
     torch.testing.assert_close(out.last, a, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
@@ -621,3 +621,15 @@ def test_sdpa_default_path_matches_reference(rule):
     exact = masked_attention_reference(q, k, v, kh, rule)[0]
     keep = ~kh.all(-1)
     torch.testing.assert_close(got[keep].double(), exact[keep], rtol=1e-4, atol=1e-5)
+
+
+def test_sdpa_is_one_name_for_every_op():
+    from astromer_fast.kernels.backends import pick_backend, resolve_backend
+
+    f32 = torch.float32
+    assert pick_backend("masked_attention", "cpu", f32, "sdpa") == "sdpa"
+    assert pick_backend("input_embedding", "cpu", f32, "sdpa") == "torch"
+    assert pick_backend("weighted_rmse", "cpu", f32, "SDPA") == "torch"
+    assert resolve_backend("cpu", "sdpa") == "torch"
+    with pytest.raises(ValueError, match="sdpa"):
+        pick_backend("masked_attention", "cpu", f32, "flash")

@@ -80,8 +80,9 @@ def test_heads_split_channels_in_order():
     model = Astromer().eval()
     attn = model.blocks[0].attn
     x = torch.randn(2, 9, 256)
-    bias = torch.zeros(2, 1, 1, 9)
-    got, w = attn(x, bias, need_weights=True)
+    from astromer_fast.kernels.masked_attention import AttentionMask
+
+    got, w = attn(x, AttentionMask(torch.zeros(2, 9, dtype=torch.bool), "key"), need_weights=True)
     q, k, v = attn.wq(x), attn.wk(x), attn.wv(x)
     outs = []
     for h in range(4):
@@ -114,8 +115,13 @@ def test_sdpa_path_matches_math_path():
     t, m, valid = random_batch()
     with torch.no_grad():
         a = model.encode(t, m, ~valid).last
-        b = model.encode(t, m, ~valid, use_sdpa=True).last
+        b = model.encode(t, m, ~valid, backend="sdpa").last
+        with pytest.warns(DeprecationWarning, match="backend='sdpa'"):
+            c = model.encode(t, m, ~valid, use_sdpa=True).last
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(b, c, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="contradicts"):
+        model.encode(t, m, ~valid, backend="cpu", use_sdpa=True)
 
 
 def test_embeddings_shapes_and_pooling_ignores_padding():

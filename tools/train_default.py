@@ -51,12 +51,12 @@ def self_check(model, data, s, device):
     b = masked_batch(w, np.arange(len(w.n_valid)), s.fractions(), step_generator(0, 0, device),
                      device)
     model.eval()
-    ref_s = replace(s, backend="torch", sdpa=False)
+    ref_s = replace(s, backend="torch")
     ref_loss, ref_g = grads_of(model, b, ref_s, False)
     out = {}
-    for name, cand, bf16 in [("kernels_fp32", replace(s, backend=None, sdpa=False), False),
-                             ("kernels_bf16", replace(s, backend=None, sdpa=False), True),
-                             ("sdpa_bf16", replace(s, backend="torch", sdpa=True), True)]:
+    for name, cand, bf16 in [("kernels_fp32", replace(s, backend=None), False),
+                             ("kernels_bf16", replace(s, backend=None), True),
+                             ("sdpa_bf16", replace(s, backend="sdpa"), True)]:
         try:
             loss, g = grads_of(model, b, cand, bf16)
             ok = bool(torch.isfinite(loss) and torch.isfinite(g).all())
@@ -104,7 +104,7 @@ def main():
     kernels_ok = k.get("ok") and k.get("grad_rel", 1.0) < max(5e-2, 3 * base)
     path = a.force_path or ("kernels" if kernels_ok else "sdpa")
     if path == "sdpa":
-        s = replace(s, backend="torch", sdpa=True)
+        s = replace(s, backend="sdpa")
     log(f"training path: {path}")
 
     # Probe: steps/s of this path on real batches (throwaway copy of the model).

@@ -191,8 +191,8 @@ class Producer:
                  depth: int = 2, workers: int | None = None):
         self.jobs, self.layout_kw, self.prep_kw = jobs, layout_kw, prep_kw
         if workers is None:
-            # On a GPU the host is the bottleneck (the H200 run spent 1.4 s of host work per
-            # second of model time on one thread); on the CPU the model needs the cores.
+            # On a GPU the host is the bottleneck (more host work than model time on one thread;
+            # bench/RESULTS.md); on the CPU the model needs the cores.
             env = os.environ.get("ASTROMER_FAST_DECODE_WORKERS")
             workers = int(env) if env else (min(4, max(1, (os.cpu_count() or 2) - 2))
                                              if prep_kw.get("cuda") else 1)

@@ -24,10 +24,15 @@ ON_SHORT = ("raise", "nan", "zero")
 
 
 def as_curves(X):
-    """Any supported light-curve container -> ``Curves`` (one per input row, uncleaned)."""
+    """Any supported light-curve container -> ``Curves`` (one per input row, uncleaned).
+
+    A table whose band column holds one value per observation is refused: Astromer embeds one
+    band at a time, and such a row would be several curves (``embed(table)`` gives one row per
+    (id, band))."""
     import pyarrow as pa
 
     from astromer_fast.data import Curves
+    from astromer_fast.embedding.embedder import as_curves as arrays_as_curves
 
     if isinstance(X, Curves):
         return X
@@ -38,19 +43,21 @@ def as_curves(X):
     if isinstance(X, pa.Table):
         from astromer_fast.data.layouts import decode_batch, detect_layout
 
-        layout = detect_layout(X.schema, "input table", band_col="")
+        layout = detect_layout(X.schema, "input table")
         if layout.kind == "long":
             raise ValueError("a long table (one row per observation) cannot be aligned with one "
                              "label per row; group it into one light curve per row first")
+        if layout.band_per_obs:
+            raise ValueError(f"the band column {layout.band!r} holds one band per observation: "
+                             "a row would be several single-band curves. Give one row per "
+                             "(object, band), or use astromer_fast.embed(table)")
         return decode_batch(X, layout).curves
     items = list(X)
-    if not items:
-        return Curves.from_arrays([], [])
-    parts = [tuple(np.asarray(a) for a in it) for it in items]
-    if any(len(p) not in (2, 3) for p in parts):
-        raise ValueError("each light curve must be (t, m) or (t, m, err)")
-    errs = [p[2] for p in parts] if all(len(p) == 3 for p in parts) else None
-    return Curves.from_arrays([p[0] for p in parts], [p[1] for p in parts], errs)
+    if len({len(it) for it in items if hasattr(it, "__len__")}) > 1:
+        # As this wrapper always did: errors (used only by the cleaning) count when every
+        # curve has them.
+        items = [tuple(it)[:2] for it in items]
+    return arrays_as_curves(items)
 
 
 def _clean(curves, cleaning):
@@ -72,19 +79,22 @@ def _handle_short(out, ok, on_short, what):
 
 
 class AstromerEmbedder(TransformerMixin, BaseEstimator):
-    """Light curves -> Astromer embeddings, one row per curve.
+    """Light curves -> Astromer embeddings, one row per curve, by ``astromer_fast.Embedder``
+    (the cleaning, windows and pooling of ``embed``).
 
     ``layers=False``: the last block's mean, (N, d_model). ``layers=True``: the (n_blocks + 1)
     per-layer means flattened layer-major, (N, (n_blocks + 1) · d_model), the input of
     :class:`GammaMLPClassifier`. ``fit`` loads the model (nothing is trained). ``model``: a
     packaged name, a ``save_pretrained`` directory, a released checkpoint or an ``Astromer``
-    (``None``: the packaged default). ``on_short``: what to do with a curve left with fewer than
-    ``min_obs`` observations: ``"raise"``, or give it a row of NaN / zeros.
+    (``None``: the packaged default). ``cleaning``: "basic" (``embed``'s own) or "official"
+    (also the paper's 0 < err < 1 and 1st..99th magnitude percentile cuts, first).
+    ``on_short``: what to do with a curve left with fewer than ``min_obs`` observations:
+    ``"raise"``, or give it a row of NaN / zeros.
     """
 
     def __init__(self, model=None, *, layers: bool = False, device=None, batch_size: int = 256,
-                 cleaning: str = "official", window_mode: str = "overlap", min_obs: int = 5,
-                 on_short: str = "raise"):
+                 cleaning: str = "basic", window_mode: str = "overlap", min_obs: int = 5,
+                 on_short: str = "raise", precision: str | None = None):
         self.model = model
         self.layers = layers
         self.device = device
@@ -93,15 +103,21 @@ class AstromerEmbedder(TransformerMixin, BaseEstimator):
         self.window_mode = window_mode
         self.min_obs = min_obs
         self.on_short = on_short
+        self.precision = precision
 
     def fit(self, X=None, y=None):
-        from astromer_fast.evaluation.embeddings import resolve_device
-        from astromer_fast.weights import load_model
+        from astromer_fast.embedding.embedder import Embedder
+        from astromer_fast.evaluation.dataset import CLEANINGS
 
         if self.on_short not in ON_SHORT:
             raise ValueError(f"on_short must be one of {ON_SHORT}, got {self.on_short!r}")
-        self.device_ = resolve_device(self.device)
-        self.model_ = load_model(self.model, device=self.device_)
+        if self.cleaning not in CLEANINGS:
+            raise ValueError(f"cleaning must be one of {CLEANINGS}, got {self.cleaning!r}")
+        self.embedder_ = Embedder(self.model, precision=self.precision, device=self.device,
+                                  window_mode=self.window_mode, min_obs=self.min_obs,
+                                  batch_size=self.batch_size, layers=self.layers)
+        self.model_ = self.embedder_.model
+        self.device_ = self.embedder_.device
         cfg = self.model_.config
         self.n_layers_ = cfg.n_blocks + 1 if self.layers else 1
         self.d_model_ = cfg.d_model
@@ -109,14 +125,14 @@ class AstromerEmbedder(TransformerMixin, BaseEstimator):
         return self
 
     def transform(self, X) -> np.ndarray:
-        from astromer_fast.evaluation.embeddings import embed_curves
-
         check_is_fitted(self, "model_")
-        curves = _clean(as_curves(X), self.cleaning)
-        emb, ok = embed_curves(self.model_, curves, device=self.device_,
-                               batch_size=self.batch_size, window_mode=self.window_mode,
-                               min_obs=self.min_obs, layers=self.layers)
+        curves = as_curves(X)
+        if self.cleaning == "official":
+            curves = _clean(curves, "official")
+        emb, rejected = self.embedder_.embed_rows(curves)
         emb = emb.reshape(len(curves), -1)
+        ok = np.ones(len(curves), bool)
+        ok[list(rejected)] = False
         return _handle_short(emb, ok, self.on_short, "embedded")
 
     def get_feature_names_out(self, input_features=None) -> np.ndarray:

@@ -212,8 +212,8 @@ def _meta(q: torch.Tensor, L: int):
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     if q.dtype == torch.float32:
         # fp32 dots run on FMA units, so the cp.async software pipeline buys little, and with it
-        # (Triton 3.6's default of 3 stages) the fp32 kernels stalled on the H200 at L = 7 on
-        # 2026-11-30, cause unknown. One stage is the suspect-free variant; `tools/
+        # (Triton 3.6's default of 3 stages) the fp32 kernels stalled on a GPU (bench/RESULTS.md),
+        # cause unknown. One stage is the suspect-free variant; `tools/
         # triton_attention_probe.py` tries each variant on a GPU to settle it.
         launch["num_stages"] = _FP32_STAGES
     return dict(HD=hd, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, PREC=prec), launch

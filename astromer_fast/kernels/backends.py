@@ -8,6 +8,11 @@ Backends, fastest first:
 * ``cpu``    - C++ kernels in ``astromer_fast._C`` (CPU tensors)
 * ``torch``  - plain PyTorch, any device and dtype; also the reference the others are tested against
 
+and one name that is not a kernel library: ``sdpa`` - plain PyTorch, with the attention through
+``torch.nn.functional.scaled_dot_product_attention`` and the mask rule's additive bias (the
+other ops run their ``torch`` implementation). It is how SDPA is asked for, by argument or by
+``$ASTROMER_FAST_BACKEND``, and the automatic attention on CUDA (``CUDA_DEFAULTS``).
+
 ``resolve_backend(device)`` picks the fastest one available for ``device``. The environment variable
 ``ASTROMER_FAST_BACKEND`` (or an explicit ``requested=``/``backend=`` argument, which wins) forces
 one; forcing a backend that cannot run on that device raises ``BackendUnavailableError`` saying why.
@@ -22,6 +27,7 @@ import torch
 from astromer_fast.kernels import _ext
 
 BACKENDS: tuple[str, ...] = ("cuda", "triton", "cpu", "torch")
+SDPA = "sdpa"
 ENV_VAR = "ASTROMER_FAST_BACKEND"
 
 _AUTO = ("", "auto", "default", "none")
@@ -29,15 +35,12 @@ _TRUTHY = ("1", "true", "yes", "on")
 
 _triton_state: tuple[bool, str | None] | None = None
 
-# What a CUDA tensor gets when no backend is asked for, per op: the fastest backend that passed its
-# GPU tests in the H200 run of 2026-11-30 (bench/RESULTS.md). There the Triton input embedding ran
-# at 10.6x eager and passed; torch's SDPA with the key mask beat both attention kernels (the CUDA
-# kernel is scalar fp32, 0.06x SDPA bf16; the Triton kernel stalled beyond L = 1, not yet
-# understood); the weighted-RMSE kernels ran but the run ended before their GPU tests, and the op
-# is a negligible share of a training step, so the reference stays the default there.
-# "sdpa" is torch.nn.functional.scaled_dot_product_attention with the rule's additive mask: an
-# automatic choice only (forcing "torch" always gives the reference math, the test oracle).
-CUDA_DEFAULTS = {"input_embedding": "triton", "masked_attention": "sdpa",
+# What a CUDA tensor gets when no backend is asked for, per op: the fastest implementation that
+# passed its GPU tests (bench/RESULTS.md holds the runs). Attention goes through torch's SDPA
+# because it beat both of our attention kernels there; the weighted RMSE keeps the reference
+# because its kernels have not passed their GPU tests yet and the op is a negligible share of a
+# training step. Forcing "torch" always gives the reference math, the test oracle.
+CUDA_DEFAULTS = {"input_embedding": "triton", "masked_attention": SDPA,
                  "weighted_rmse": "torch"}
 
 
@@ -116,7 +119,8 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
 
 
 def requested_backend(requested: str | None = None) -> str | None:
-    """The explicitly requested backend (argument, else ``ASTROMER_FAST_BACKEND``), or None for auto."""
+    """The explicitly requested backend (argument, else ``ASTROMER_FAST_BACKEND``), or None for
+    auto. ``"sdpa"`` is accepted (see the module docstring)."""
     if requested is None:
         requested = os.environ.get(ENV_VAR)
     if requested is None:
@@ -124,24 +128,28 @@ def requested_backend(requested: str | None = None) -> str | None:
     name = str(requested).strip().lower()
     if name in _AUTO:
         return None
-    if name not in BACKENDS:
+    if name not in BACKENDS + (SDPA,):
         raise ValueError(
             f"unknown astromer_fast backend {requested!r}"
             + (f" (from ${ENV_VAR})" if requested == os.environ.get(ENV_VAR) else "")
-            + f"; choose one of {', '.join(BACKENDS)} or 'auto'"
+            + f"; choose one of {', '.join(BACKENDS + (SDPA,))} or 'auto'"
         )
     return name
 
 
 def resolve_backend(device: torch.device | str | None, requested: str | None = None) -> str:
-    """The backend to use for tensors on ``device``.
+    """The kernel backend to use for tensors on ``device``.
 
     ``requested`` (else ``$ASTROMER_FAST_BACKEND``) forces a backend; None/"auto" picks the fastest
     available one: on CUDA ``cuda`` > ``triton`` > ``torch``, on CPU ``cpu`` > ``torch``. The Triton
     interpreter is never chosen automatically: it is orders of magnitude slower than ``torch``.
+    ``"sdpa"`` resolves to ``torch`` here: only the attention op has an SDPA implementation, and
+    :func:`pick_backend` gives it that.
     """
     device = _as_device(device)
     name = requested_backend(requested)
+    if name == SDPA:
+        return "torch"
     if name is not None:
         why = unavailable_reason(name, device)
         if why is not None:
@@ -156,17 +164,17 @@ def resolve_backend(device: torch.device | str | None, requested: str | None = N
 
 def pick_backend(op: str, device: torch.device | str | None, dtype: torch.dtype,
                  requested: str | None = None) -> str:
-    """The backend one call of ``op`` runs on: the requested one (argument, else
+    """The implementation one call of ``op`` runs: the requested one (argument, else
     ``$ASTROMER_FAST_BACKEND``); else ``torch`` for float64 (the kernels compute in float32);
-    else the per-op default on CUDA (``CUDA_DEFAULTS``, possibly the pseudo-backend ``"sdpa"``);
-    else the fastest available for ``device``."""
+    else the per-op default on CUDA (``CUDA_DEFAULTS``); else the fastest available for
+    ``device``. ``"sdpa"`` is returned for ``masked_attention`` only (other ops: ``torch``)."""
     name = requested_backend(requested)
     if name is None and dtype == torch.float64:
         name = "torch"
     if name is None:
         name = op_default(op, device)
-        if name == "sdpa":
-            return name
+    if name == SDPA:
+        return SDPA if op == "masked_attention" else "torch"
     return resolve_backend(device, name)
 
 
@@ -177,6 +185,6 @@ def op_default(op: str, device: torch.device | str | None) -> str | None:
     if device.type != "cuda":
         return None
     name = CUDA_DEFAULTS.get(op)
-    if name == "sdpa":
+    if name == SDPA:
         return name
     return name if name is not None and unavailable_reason(name, device) is None else None

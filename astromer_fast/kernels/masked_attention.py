@@ -17,9 +17,11 @@ for float64 inputs of the ``torch`` implementation); the backward recomputes P f
 (``astromer_fast::masked_attention_fwd`` / ``_bwd``) with fake implementations, so torch.compile
 traces them without graph breaks.
 
-Public entry points: :func:`masked_attention` (dispatches to the fastest backend) and
+Public entry points: :func:`masked_attention` (dispatches to the fastest backend),
 :func:`masked_attention_reference` (the model's plain-PyTorch math; the ``torch`` backend of
-:func:`masked_attention`, natively differentiable, and what attention weights for plots come from).
+:func:`masked_attention`, natively differentiable, and what attention weights for plots come from)
+and :func:`attention_bias` (each rule's additive logit bias: the one definition of the rules, which
+the reference and the ``sdpa`` implementation add to the logits).
 """
 
 # No ``from __future__ import annotations``: torch.library infers the op schema from the annotations.
@@ -32,13 +34,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from astromer_fast.kernels import _checks, _ext
-from astromer_fast.kernels.backends import BACKENDS, pick_backend, resolve_backend
+from astromer_fast.kernels.backends import BACKENDS, SDPA, pick_backend, resolve_backend
 
 __all__ = [
     "AttentionMask",
     "MASK_RULES",
     "OP_BWD",
     "OP_FWD",
+    "attention_bias",
     "attention_bias_reference",
     "masked_attention",
     "masked_attention_reference",
@@ -52,7 +55,9 @@ _NEG = -1e9
 
 
 class AttentionMask(NamedTuple):
-    """What the model passes to its attention layers instead of a materialised bias tensor."""
+    """What the model passes to its attention layers instead of a materialised bias tensor:
+    the hidden keys, the rule, and the implementation (chosen once per forward, for the device:
+    ``pick_backend("masked_attention", ...)``)."""
 
     hidden: Tensor  # (B, L) bool
     rule: str  # one of MASK_RULES
@@ -62,12 +67,20 @@ class AttentionMask(NamedTuple):
 # ------------------------------------------------------------------------------------------------
 # Reference (the model's math) and the flash-consistent PyTorch implementation
 # ------------------------------------------------------------------------------------------------
-def attention_bias_reference(key_hidden: Tensor, rule: str, dtype: torch.dtype) -> Tensor:
-    """Additive logit bias broadcastable to (B, H, L, L); same as ``model.astromer.attention_bias``."""
+def attention_bias(key_hidden: Tensor, rule: str, dtype: torch.dtype) -> Tensor:
+    """Additive logit bias of a mask rule, broadcastable to (B, H, L, L).
+
+    ``"key"``: -1e9 on hidden keys, what the official code adds; a row whose keys are all hidden
+    therefore gets equal logits everywhere and attends uniformly to all L keys: defined, never NaN.
+    ``"query_or_key_plus1"``: Astromer 1 adds the mask itself (+1, a bug its weights were trained
+    with) wherever the query or the key is hidden."""
     h = key_hidden.to(dtype)
     if rule == "key":
         return (h * _NEG)[:, None, None, :]
     return torch.maximum(h[:, :, None], h[:, None, :])[:, None]
+
+
+attention_bias_reference = attention_bias  # the name the kernel tests and benchmarks knew
 
 
 def masked_attention_reference(
@@ -77,7 +90,7 @@ def masked_attention_reference(
 
     logits = q k^T / sqrt(hd) + bias (bias in float32 or wider), softmax in float32 (or wider).
     """
-    bias = attention_bias_reference(key_hidden, rule, torch.promote_types(q.dtype, torch.float32))
+    bias = attention_bias(key_hidden, rule, torch.promote_types(q.dtype, torch.float32))
     logits = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1]) + bias
     weights = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     weights = weights.to(q.dtype)
@@ -363,10 +376,10 @@ def masked_attention(
         rule: ``"key"`` (Astromer 2, -1e9 on hidden keys) or ``"query_or_key_plus1"`` (Astromer 1).
         return_weights: also return the (B, H, L, L) attention weights (for plots). Computed with
             the plain-PyTorch reference whatever the backend.
-        backend: "cuda", "triton", "cpu", "torch", or None/"auto": ``$ASTROMER_FAST_BACKEND`` if
-            set, else the default for the device: ``cpu`` (C++) on the CPU; on CUDA, PyTorch's
-            fused SDPA with the rule's additive mask (measured fastest on an H200; see
-            ``backends.CUDA_DEFAULTS``). ``torch`` is always the plain reference math.
+        backend: "cuda", "triton", "cpu", "torch", "sdpa", or None/"auto":
+            ``$ASTROMER_FAST_BACKEND`` if set, else the default for the device: ``cpu`` (C++) on
+            the CPU; on CUDA ``backends.CUDA_DEFAULTS`` (``sdpa``: PyTorch's fused SDPA with the
+            rule's additive bias). ``torch`` is always the plain reference math.
 
     ``$ASTROMER_FAST_CUDA_ATTENTION`` picks the kernels of the ``cuda`` backend: ``simt``
     (default) or ``tensor_cores`` (bf16, L <= 256, sm_80+; NOT YET RUN ON A GPU).
@@ -382,7 +395,7 @@ def masked_attention(
     if return_weights:
         return masked_attention_reference(q, k, v, key_hidden, rule)
     name = pick_backend("masked_attention", q.device, q.dtype, backend)
-    if name == "sdpa":  # only ever the automatic choice on CUDA; "torch" stays the oracle
+    if name == SDPA:
         return _sdpa(q, k, v, key_hidden, rule)
     if name == "torch":
         return masked_attention_reference(q, k, v, key_hidden, rule)[0]
@@ -395,7 +408,7 @@ def masked_attention(
 
 
 def _sdpa(q, k, v, key_hidden, rule):
-    """The automatic choice on CUDA: PyTorch's fused SDPA with the additive mask of the rule
-    (the same -1e9 / +1 terms as the reference, so all-hidden rows are uniform averages too)."""
-    bias = attention_bias_reference(key_hidden, rule, q.dtype)
+    """PyTorch's fused SDPA with the additive bias of the rule (the same -1e9 / +1 terms as the
+    reference, so all-hidden rows are uniform averages too)."""
+    bias = attention_bias(key_hidden, rule, q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)

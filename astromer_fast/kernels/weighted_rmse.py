@@ -217,10 +217,9 @@ def _weighted_rmse_bwd(dir_: Tensor, grad_loss: Tensor, scale: Tensor, grad_bf16
 
 # The autograd backward calls the C++ pass (through the custom op above) only for bfloat16
 # gradients of at least this many elements on the CPU; otherwise the two PyTorch ops of
-# _grad_in_torch are faster. Measured on a 2-core Zen 4, 2026-11-30, C++ pass vs PyTorch ops:
-# float32 16 vs 4 us at 32 x 200 and 119 vs 96 us at 8192 x 200; bfloat16 16 vs 6 us at 32 x 200,
-# 39 vs 34 us at 1024 x 200, but 169 vs 219 us at 8192 x 200. On CUDA it also saves a custom-op
-# dispatch on the host, which is most of the op's time at the benchmark's 4096 x 200.
+# _grad_in_torch are faster (the C++ pass wins only for large bfloat16 gradients; figures in
+# bench/RESULTS.md). On CUDA it also saves a custom-op dispatch on the host, which is most of the
+# op's time at the benchmark's 4096 x 200.
 _CPP_BWD_MIN_NUMEL = 1 << 19
 
 

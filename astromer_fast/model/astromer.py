@@ -9,21 +9,29 @@ Inputs of every forward, one row per window of ``L`` observations:
   hidden  (B, L) bool     True where the observation is hidden from attention: padding and, during
                           pretraining, the probed observations replaced by the MASK token
 
-The input embedding is the one fused op of the model (``astromer_fast.kernels.input_embedding``);
-``backend`` picks its implementation, ``None`` meaning the fastest available one.
+The input embedding and the attention are the fused ops of the model
+(``astromer_fast.kernels``); ``backend`` picks their implementation ("cuda", "triton", "cpu",
+"torch", "sdpa"; ``None`` meaning the default for the device), chosen once per forward.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-MASK_RULES = ("key", "query_or_key_plus1")
+from astromer_fast.kernels.backends import pick_backend
+from astromer_fast.kernels.masked_attention import (  # noqa: F401 - attention_bias: re-exported
+    MASK_RULES,
+    AttentionMask,
+    attention_bias,
+    masked_attention,
+    masked_attention_reference,
+)
 
 
 @dataclass
@@ -142,18 +150,6 @@ class InputEmbedding(nn.Module):
                                self.mask_token, base=self.pe_base, backend=backend)
 
 
-def attention_bias(hidden: torch.Tensor, rule: str, dtype: torch.dtype) -> torch.Tensor:
-    """Additive logit bias broadcastable to (B, H, L, L) for the two official mask rules."""
-    if rule == "key":
-        # -1e9 is what the official code adds. A row whose keys are all hidden therefore gets
-        # equal logits everywhere and attends uniformly to all L keys: defined, never NaN.
-        return (hidden.to(dtype) * -1e9)[:, None, None, :]
-    # Astromer 1 adds the mask itself (+1, a bug the weights were trained with) wherever the
-    # query or the key is hidden.
-    h = hidden.to(dtype)
-    return torch.maximum(h[:, :, None], h[:, None, :])[:, None]
-
-
 class MultiHeadAttention(nn.Module):
     def __init__(self, cfg: AstromerConfig):
         super().__init__()
@@ -168,28 +164,16 @@ class MultiHeadAttention(nn.Module):
         B, L, _ = x.shape
         return x.view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x, bias, need_weights: bool = False, use_sdpa: bool = False):
-        """``bias``: an ``AttentionMask`` (what ``Astromer.encode`` passes: the fused op, one
-        dispatch point for every backend) or an explicit additive logit bias tensor (plain math)."""
-        from astromer_fast.kernels.masked_attention import AttentionMask, masked_attention
-
+    def forward(self, x, mask: AttentionMask, need_weights: bool = False):
+        """``mask``: the hidden keys, the rule and the implementation (``Astromer.encode`` picks
+        it once). ``need_weights``: also the (B, H, L, L) weights, for plots; they come from the
+        reference math whatever the implementation."""
         q, k, v = self.split(self.wq(x)), self.split(self.wk(x)), self.split(self.wv(x))
-        weights = None
-        if isinstance(bias, AttentionMask):
-            if use_sdpa and not need_weights:
-                mask = attention_bias(bias.hidden, bias.rule, q.dtype)
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            elif need_weights:  # weights for plots come from the reference math
-                out, weights = masked_attention(q, k, v, bias.hidden, bias.rule,
-                                                return_weights=True, backend=bias.backend)
-            else:
-                out = masked_attention(q, k, v, bias.hidden, bias.rule, backend=bias.backend)
-        elif use_sdpa and not need_weights:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+        if need_weights:
+            out, weights = masked_attention_reference(q, k, v, mask.hidden, mask.rule)
         else:
-            logits = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim) + bias
-            weights = torch.softmax(logits.float(), dim=-1).to(q.dtype)
-            out = weights @ v
+            out, weights = masked_attention(q, k, v, mask.hidden, mask.rule,
+                                            backend=mask.backend), None
         B, H, L, hd = out.shape
         return self.wo(out.transpose(1, 2).reshape(B, L, H * hd)), weights
 
@@ -210,8 +194,8 @@ class EncoderBlock(nn.Module):
         self.ln2 = nn.LayerNorm(d, eps=cfg.ln_eps)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, bias, need_weights=False, use_sdpa=False):
-        a, w = self.attn(x, bias, need_weights, use_sdpa)
+    def forward(self, x, mask: AttentionMask, need_weights=False):
+        a, w = self.attn(x, mask, need_weights)
         a = self.dropout(a)
         a = self.ln1(a if self.leak1 is None else self.leak1(x) + a)
         f = self.dropout(self.ffn2(torch.tanh(self.ffn1(a))))
@@ -257,16 +241,23 @@ class Astromer(nn.Module):
 
     def encode(self, t, m, hidden, *, return_layers=False, return_attention=False,
                backend: str | None = None, use_sdpa: bool = False) -> EncoderOutput:
+        """``backend``: see the module docstring. ``use_sdpa=True`` is the old spelling of
+        ``backend="sdpa"`` (deprecated)."""
         t, m, hidden = _check_inputs(t, m, hidden)
+        if use_sdpa:
+            if backend not in (None, "torch", "sdpa"):
+                raise ValueError(f"use_sdpa=True (deprecated: backend='sdpa') contradicts "
+                                 f"backend={backend!r}")
+            warnings.warn("Astromer.encode(use_sdpa=True) is deprecated; pass backend='sdpa'",
+                          DeprecationWarning, stacklevel=2)
+            backend = "sdpa"
         x = self.dropout(self.embedding(t, m, hidden, backend=backend))
-        from astromer_fast.kernels.masked_attention import AttentionMask
-
-        # The key mask, not a materialised (B, 1, L, L) bias: every block's attention goes through
-        # astromer_fast.kernels.masked_attention with this backend (torch: the reference math).
-        bias = AttentionMask(hidden, self.config.mask_rule, backend)
+        # The attention implementation for this device and dtype, chosen once for every block.
+        mask = AttentionMask(hidden, self.config.mask_rule,
+                             pick_backend("masked_attention", x.device, x.dtype, backend))
         layers, attn = [x], []
         for block in self.blocks:
-            x, w = block(x, bias, need_weights=return_attention, use_sdpa=use_sdpa)
+            x, w = block(x, mask, need_weights=return_attention)
             layers.append(x)
             attn.append(w)
         return EncoderOutput(x, tuple(layers) if return_layers else None,

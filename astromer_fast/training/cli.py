@@ -53,7 +53,7 @@ def _add_common(p, defaults: TrainSettings):
     o.add_argument("--no-cpu-fused", dest="cpu_fused", action="store_false", default=True,
                    help="on the CPU, train the plain model with the kernel backends instead of "
                    "the fused encoder passes")
-    o.add_argument("--backend", default=None, help="kernel backend: cuda, triton, cpu, torch "
+    o.add_argument("--backend", default=None, help="kernel backend: cuda, triton, cpu, torch, sdpa "
                    "(default: fastest available)")
     o.add_argument("--seed", type=int, default=defaults.seed)
     v = p.add_argument_group("validation and checkpoints")

@@ -20,11 +20,8 @@ gradient averaging would not be exact).
 
 from __future__ import annotations
 
-import csv
 import json
 import math
-import os
-import shutil
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -34,16 +31,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from astromer_fast.training.checkpoint import (  # noqa: F401 - names this module exported
+    CHECKPOINT_DIR,
+    CheckpointError,
+    read_checkpoint,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from astromer_fast.training.data import TrainingCurves, epoch_windows, length_batches
+from astromer_fast.training.distributed import _dist, setup_distributed  # noqa: F401
+from astromer_fast.training.logs import plot_learning_curve, write_metrics_csv
 from astromer_fast.training.loss import probed_metrics, weighted_rmse
 from astromer_fast.training.masking import MaskFractions, masked_inputs, step_generator
 
-CHECKPOINT_DIR = "checkpoint"
 _LOSS_EPS = 1e-12  # inside the op's sqrt (see astromer_fast.kernels.weighted_rmse)
-
-
-class CheckpointError(ValueError):
-    """A training checkpoint that is missing, incomplete, corrupt or from another run."""
 
 
 @dataclass
@@ -75,10 +76,11 @@ class TrainSettings:
     random_frac: float = 0.2
     # None: bf16 autocast on CUDA; on the CPU bf16 where it has native bfloat16 arithmetic.
     bf16: bool | None = None
-    backend: str | None = None  # kernel backend (None: fastest available)
-    sdpa: bool = False  # attention through torch's SDPA instead of the masked_attention op
+    # Kernel backend (None: the device's default); "sdpa": PyTorch with torch's fused attention.
+    backend: str | None = None
+    sdpa: bool = False  # deprecated: the old spelling of backend="sdpa"
     # On the CPU, the encoder through the fused passes (astromer_fast.model.fused_cpu) when the
-    # model's shape allows and neither backend nor sdpa asks for the plain model.
+    # model's shape allows and no backend asks for the plain model.
     cpu_fused: bool = True
     length_group: int = 16  # batches sorted together by length within a shuffled span
     max_bad_steps: int = 20  # consecutive non-finite steps before giving up
@@ -90,6 +92,13 @@ class TrainSettings:
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if self.sdpa:
+            if self.backend not in (None, "torch", "sdpa"):
+                raise ValueError(f"sdpa=True (deprecated: backend='sdpa') contradicts "
+                                 f"backend={self.backend!r}")
+            warnings.warn("TrainSettings(sdpa=True) is deprecated; use backend='sdpa'",
+                          DeprecationWarning, stacklevel=3)
+            self.backend, self.sdpa = "sdpa", False
         self.fractions()  # validates them
 
     def fractions(self) -> MaskFractions:
@@ -108,33 +117,6 @@ class TrainResult:
     best: dict | None = None
     stopped: str = ""
     out_dir: Path | None = None
-
-
-# ------------------------------------------------------------------------------------------------
-# Distributed helpers
-# ------------------------------------------------------------------------------------------------
-def _dist():
-    import torch.distributed as dist
-
-    return dist if dist.is_available() and dist.is_initialized() else None
-
-
-def setup_distributed(device: str | None = None):
-    """Initialise the process group when launched by ``torchrun`` (WORLD_SIZE > 1). Returns
-    (rank, world_size, device)."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        cuda = torch.cuda.is_available() and device != "cpu"
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo")
-    d = _dist()
-    rank, world = (d.get_rank(), d.get_world_size()) if d else (0, 1)
-    if device is None:
-        device = (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
-    return rank, world, torch.device(device)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -167,7 +149,7 @@ def uses_cpu_fused(model, s: TrainSettings, device) -> bool:
     from astromer_fast.model.fused_cpu import fused_cpu_unsupported
 
     return (torch.device(device).type == "cpu" and s.cpu_fused and s.backend in (None, "cpu")
-            and not s.sdpa and fused_cpu_unsupported(model.config) is None)
+            and fused_cpu_unsupported(model.config) is None)
 
 
 def uses_bf16(s: TrainSettings, device) -> bool:
@@ -184,7 +166,7 @@ def _forward_loss(model, b, s: TrainSettings, use_bf16: bool, fused: bool = Fals
     else:
         with torch.autocast(device_type=b["t"].device.type, dtype=torch.bfloat16,
                             enabled=use_bf16):
-            pred = model(b["t"], b["m_in"], b["hidden"], backend=s.backend, use_sdpa=s.sdpa)
+            pred = model(b["t"], b["m_in"], b["hidden"], backend=s.backend)
     pred = pred.float()
     loss = weighted_rmse(pred, b["target"], b["err"], b["probed"], b["valid"], backend=s.backend)
     return pred, loss
@@ -218,175 +200,6 @@ def evaluate(model, w, s: TrainSettings, device, use_bf16: bool, batch_size: int
     met = probed_metrics(yh[None], y[None], torch.ones_like(y, dtype=torch.bool)[None])
     met["loss"] = float(torch.sqrt(sq / max(nh, 1)))
     return met
-
-
-# ------------------------------------------------------------------------------------------------
-# Checkpoints
-# ------------------------------------------------------------------------------------------------
-def _optimizer_tensors(opt) -> tuple[dict, dict]:
-    sd = opt.state_dict()
-    tensors, scalars = {}, {}
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"state.{pid}.{k}"] = v.detach().cpu().contiguous()
-            else:
-                scalars[f"{pid}.{k}"] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def _load_optimizer(opt, tensors: dict, meta: dict):
-    state = {}
-    for name, v in tensors.items():
-        _, pid, k = name.split(".", 2)
-        state.setdefault(int(pid), {})[k] = v
-    for key, v in meta["scalars"].items():
-        pid, k = key.split(".", 1)
-        state.setdefault(int(pid), {})[k] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
-def save_checkpoint(directory, *, model, opt, sched, trainer_state: dict, settings: TrainSettings):
-    """Write a resumable checkpoint atomically (a temporary folder renamed over the old one):
-    weights and config (safetensors + JSON), optimizer state (safetensors + JSON), RNG states,
-    and the loop's position, with sha256 of every file so corruption is detected on load."""
-    from safetensors.torch import save_file
-
-    from astromer_fast.weights.pretrained import file_sha256
-
-    directory = Path(directory)
-    tmp = directory.with_name(directory.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)
-    tens, meta = _optimizer_tensors(opt)
-    save_file(tens, str(tmp / "optimizer.safetensors"))
-    rng = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, st in enumerate(torch.cuda.get_rng_state_all()):
-            rng[f"torch_cuda{i}"] = st
-    save_file(rng, str(tmp / "rng.safetensors"))
-    files = ["model.safetensors", "config.json", "optimizer.safetensors", "rng.safetensors"]
-    doc = {"format": "astromer_fast.train_checkpoint", "version": 1,
-           "settings": asdict(settings), "optimizer": meta,
-           "scheduler": sched.state_dict() if sched is not None else None,
-           **trainer_state, "sha256": {f: file_sha256(tmp / f) for f in files}}
-    (tmp / "trainer.json").write_text(json.dumps(doc, indent=1, default=_json_default))
-    old = directory.with_name(directory.name + ".old")
-    if directory.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        directory.rename(old)
-    tmp.rename(directory)
-    if old.exists():
-        shutil.rmtree(old)
-    return directory
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o)}")
-
-
-def read_checkpoint(directory) -> dict:
-    """Validate a checkpoint folder and return its trainer document (raises CheckpointError)."""
-    from astromer_fast.weights.pretrained import file_sha256
-
-    directory = Path(directory)
-    doc_path = directory / "trainer.json"
-    if not doc_path.is_file():
-        raise CheckpointError(f"{directory}: not a training checkpoint (no trainer.json)")
-    try:
-        doc = json.loads(doc_path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{doc_path}: unreadable ({e})") from None
-    if doc.get("format") != "astromer_fast.train_checkpoint":
-        raise CheckpointError(f"{doc_path}: not an astromer_fast training checkpoint")
-    for name, digest in doc.get("sha256", {}).items():
-        p = directory / name
-        if not p.is_file():
-            raise CheckpointError(f"{p}: missing from the checkpoint")
-        if file_sha256(p) != digest:
-            raise CheckpointError(f"{p}: corrupt (sha256 differs from the one recorded when "
-                                  "the checkpoint was written)")
-    return doc
-
-
-def _restore(directory, model, opt, sched, device) -> dict:
-    from safetensors.torch import load_file
-
-    from astromer_fast.weights.pretrained import from_pretrained, load_state_checked
-
-    doc = read_checkpoint(directory)
-    try:
-        saved = from_pretrained(directory)
-        load_state_checked(model, saved.state_dict(), source=str(directory))
-        _load_optimizer(opt, load_file(str(Path(directory) / "optimizer.safetensors"),
-                                       device=str(device)), doc["optimizer"])
-        rng = load_file(str(Path(directory) / "rng.safetensors"))
-    except CheckpointError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any failure here means the checkpoint is unusable
-        raise CheckpointError(f"{directory}: cannot restore the checkpoint ({e})") from e
-    if sched is not None and doc.get("scheduler") is not None:
-        sched.load_state_dict(doc["scheduler"])
-    torch.set_rng_state(rng["torch_cpu"])
-    if torch.cuda.is_available():
-        states = [rng[k] for k in sorted(k for k in rng if k.startswith("torch_cuda"))]
-        if states:
-            torch.cuda.set_rng_state_all(states[: torch.cuda.device_count()])
-    return doc
-
-
-# ------------------------------------------------------------------------------------------------
-# Logging outputs
-# ------------------------------------------------------------------------------------------------
-def write_metrics_csv(rows: list, path):
-    if not rows:
-        return
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=keys)
-        wr.writeheader()
-        wr.writerows(rows)
-
-
-def plot_learning_curve(rows: list, path=None, ax=None):
-    """Training and validation loss against step, validation R² on a second axis. Returns the
-    axes; writes ``path`` (PNG) when given. Needs matplotlib (the ``plot`` extra)."""
-    import matplotlib
-
-    if ax is None:
-        matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig = None
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(7, 4))
-    steps = [r["step"] for r in rows]
-    ax.plot(steps, [r.get("train_loss", np.nan) for r in rows], label="train loss")
-    ax.plot(steps, [r.get("val_loss", np.nan) for r in rows], label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("weighted RMSE (mag)")
-    ax.grid(alpha=0.3)
-    ax2 = ax.twinx()
-    ax2.plot(steps, [r.get("val_r2", np.nan) for r in rows], color="tab:green", ls="--",
-             label="validation R² (probed)")
-    ax2.set_ylabel("R²")
-    lines = ax.get_lines() + ax2.get_lines()
-    ax.legend(lines, [ln.get_label() for ln in lines], loc="upper right", fontsize=8)
-    if fig is not None:
-        fig.tight_layout()
-        if path is not None:
-            fig.savefig(path, dpi=110)
-        plt.close(fig)
-    return ax
 
 
 # ------------------------------------------------------------------------------------------------
@@ -459,7 +272,7 @@ def train(model, train_curves: TrainingCurves, val_curves: TrainingCurves | None
     if resume:
         if ckpt_dir is None or not ckpt_dir.exists():
             raise CheckpointError(f"--resume: no checkpoint in {ckpt_dir}")
-        doc = _restore(ckpt_dir, model, opt, sched, dev)
+        doc = restore_checkpoint(ckpt_dir, model, opt, sched, dev)
         for k in state:
             if k in doc:
                 state[k] = doc[k]

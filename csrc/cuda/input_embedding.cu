@@ -1,8 +1,7 @@
 // Host launch code of the input embedding (kernel in input_embedding_kernels.cuh; contract in
 // cuda/input_embedding.h) and the CUDA version queries of build_info().
 //
-// GPU evidence: the kernel passed its GPU tests against float64 on an H200 on 2026-11-30. On the
-// CPU, python_tests/test_cuda_emulated.py runs it through the emulation of
+// GPU runs are recorded in bench/RESULTS.md. On the CPU, python_tests/test_cuda_emulated.py runs it through the emulation of
 // python_tests/cuda_emulation/emu_cuda.h (logic, tails and sin/cos accuracy; not the hardware).
 #include "cuda/input_embedding.h"
 

@@ -3,10 +3,9 @@
 // by dk/dv and dq kernels that recompute P from lse; no atomics, deterministic) and the
 // tensor-core ones (masked_attention_tc.cu).
 //
-// GPU evidence for the scalar kernels: on an H200 on 2026-11-30 they passed the forward and
-// backward tests against float64 at L = 1 and 7 (fp32 and bf16; longer L did not run there), and
-// measured 0.07x the speed of PyTorch SDPA in bf16. The model's default backend on CUDA is
-// therefore Triton; force backend="cuda" to use these. On the CPU, python_tests/test_cuda_emulated.py
+// The scalar kernels compute in fp32 FMA, far slower than PyTorch's fused SDPA (bench/RESULTS.md),
+// so the model's attention on CUDA defaults to "sdpa" (backends.CUDA_DEFAULTS); force
+// backend="cuda" to use these. On the CPU, python_tests/test_cuda_emulated.py
 // runs the kernels through the emulation of python_tests/cuda_emulation/emu_cuda.h at L = 1, 7,
 // 16, 33, 200, 256 (fp32 and bf16, both rules), which checks their logic but not the hardware.
 #include "cuda/masked_attention.h"

@@ -3,10 +3,8 @@
 // bfloat16 q/k/v/out/dout/dq/dk/dv (float32 accumulation; lse and delta always float32).
 // This header includes no CUDA header so that the host-compiled bindings need no CUDA include path.
 //
-// GPU evidence: the scalar kernels (masked_attention_kernels.cuh) passed forward and backward
-// against float64 on an H200 on 2026-11-30 at L = 1 and 7 (fp32 and bf16; longer L did not run
-// there) and measured 0.07x of PyTorch SDPA's bf16 speed. All lengths up to 256 are checked on
-// the CPU by python_tests/test_cuda_emulated.py (scalar kernels) and
+// What has run on a GPU, and how fast, is in bench/RESULTS.md. All lengths up to 256 are checked
+// on the CPU by python_tests/test_cuda_emulated.py (scalar kernels) and
 // python_tests/test_attention_tensor_cores.py (tensor-core kernels) through the CUDA emulation of
 // python_tests/cuda_emulation/emu_cuda.h.
 #pragma once

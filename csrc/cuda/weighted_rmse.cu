@@ -1,9 +1,8 @@
 // Host launch code of the weighted RMSE (kernels in weighted_rmse_kernels.cuh; contract in
 // cuda/weighted_rmse.h).
 //
-// GPU evidence: ran on an H200 on 2026-11-30 inside the benchmarks (forward 4.9x PyTorch eager),
-// but its GPU correctness tests never ran there (that stage timed out). Correctness evidence is
-// the CPU emulation of the kernels in python_tests/test_cuda_emulated.py (every case of
+// Its GPU correctness tests have not run yet (bench/RESULTS.md records what has), which is why
+// backends.CUDA_DEFAULTS keeps the reference for this op. Correctness evidence is the CPU emulation of the kernels in python_tests/test_cuda_emulated.py (every case of
 // test_kernels_weighted_rmse.py against the float64 oracle, fp32 and bf16 pred, bitwise
 // determinism over thread interleavings); it checks the logic, not the hardware.
 #include "cuda/weighted_rmse.h"

