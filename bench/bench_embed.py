@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -53,6 +54,12 @@ from astromer_fast.model import masked_mean
 from _timing import environ
 
 NAN = float("nan")
+
+
+def _shared_data() -> Path:
+    """``$ASTROMER_FAST_SHARED_DATA`` (a GPU run's copy), else ../shared/data."""
+    env = os.environ.get("ASTROMER_FAST_SHARED_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def generate(path: Path, n_curves: int, lo: int, hi: int, seed: int = 0):
@@ -198,7 +205,7 @@ def naive(model, path, device, n_curves, window=200):
 
 def eros_parquet(dst: Path, n_curves: int | None) -> int:
     """The first ``n_curves`` of EROS-1 (both bands) copied to ``dst``; their observations."""
-    src = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "eros1.parquet"
+    src = _shared_data() / "eros1.parquet"
     if not src.is_file():
         sys.exit(f"--data eros needs {src} (or use --data generated)")
     table = pq.read_table(src, columns=["id", "band", "lightcurve"])
@@ -248,7 +255,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.data is None:
-        shared = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "eros1.parquet"
+        shared = _shared_data() / "eros1.parquet"
         args.data = "eros" if shared.is_file() else "generated"
     torch.manual_seed(0)
     default = embedding_precision(device)

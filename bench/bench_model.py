@@ -32,6 +32,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import platform
 import re
 import statistics
@@ -57,7 +58,9 @@ FP32_SDPA = "PyTorch fp32 + SDPA"
 # Data: windows sorted by decreasing length, cut into batches at their longest
 # -------------------------------------------------------------------------------------------------
 def shared_data_dir() -> Path:
-    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    """``$ASTROMER_FAST_SHARED_DATA`` (a GPU run's copy), else ../shared/data."""
+    env = os.environ.get("ASTROMER_FAST_SHARED_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def eros_windows(n: int, seed: int = 0):
@@ -99,7 +102,7 @@ def make_data(args, device):
     batches = []
     for s in range(0, len(n), args.batch):
         e = min(s + args.batch, len(n))
-        width = max(int(n[s]), 1)
+        width = t.shape[1] if args.full_width else max(int(n[s]), 1)
         batches.append(tuple(x[s:e, :width].contiguous().to(device)
                              for x in (t, m, valid, err, probed)))
     return batches, int(n.sum())
@@ -414,6 +417,8 @@ if __name__ == "__main__":
     p.add_argument("--windows", type=int, default=None)
     p.add_argument("--length", type=int, default=200)
     p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--full-width", action="store_true",
+                   help="keep every batch at the full window (200-padded), not cut to its longest")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed passes per round (median; default 5 CUDA, 1 CPU)")
     p.add_argument("--rounds", type=int, default=None,
