@@ -391,8 +391,9 @@ def run(args):
     for r in range(args.rounds):
         for v in built:
             v.time_round()
-        _ratios(rows)
-        _dump(args, device, hw, n, n_obs, rows)
+            # Written after every variant: a run stopped by its time limit keeps what finished.
+            _ratios(rows)
+            _dump(args, device, hw, n, n_obs, rows)
     print(f"\nmedian over {args.rounds} rounds; ratios to {BF16_SDPA} and {FP32_SDPA}:")
     _print_table(rows)
     return rows

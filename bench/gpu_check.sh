@@ -16,7 +16,8 @@
 # model, and $OUT/log.txt.
 #   device run: bash bench/gpu_check.sh        (carry: gpu_data = ../shared/data copied, git-ignored)
 # Stage limits (seconds) can be overridden: TRAIN_MIN, PROBE_S, TEST_S, BO_S, BM_S, BE_S, BT_S;
-# the fused stage's: FT_S (tests), CAL_S (calibration), FM_S (each bench_model), FE_S;
+# the fused stage's: FT_S (tests), CAL_S (calibration), FM_S and FME_S (bench_model on padded and
+# on EROS-1 windows; FME_COMPILE=1 adds the compiled row to the latter), FE_S (bench_embed);
 # FE_COMPILE=1 adds torch.compile max-autotune rows to its bench_embed (one compile per batch
 # width: give FE_S room).
 # CONTINUE_MIN=N (with SKIP_TRAIN=1): then N minutes of continued pretraining of the packaged
@@ -70,24 +71,30 @@ if [ "$(cat "$W/build.rc")" = 0 ] && [ "${FUSED:-1}" != 0 ]; then
   TO=$(python -c "import pytest_timeout" 2>/dev/null && echo "--timeout=60")
   timeout "$(cap "${FT_S:-75}")" pytest -v -ra $TO --durations=10 -p no:cacheprovider \
       python_tests/test_fused_gpu.py python_tests/test_calibration.py > "$W/fused_tests.txt" 2>&1
-  el "fused tests rc=$?"; grep -E "FAILED|ERROR|passed|failed" "$W/fused_tests.txt" | tail -15; pack
+  el "fused tests rc=$?"; grep -E "FAILED|ERROR|passed|failed" "$W/fused_tests.txt" | tail -15
+  pack
   # Timings from here on: the probe must not share the GPU with them.
   wait $PROBE 2>/dev/null
   (cd /tmp && timeout "$(cap "${CAL_S:-90}")" astromer-fast calibrate --batch 1024) \
       > "$W/calibrate.txt" 2>&1
-  el "calibrate rc=$?"; tail -22 "$W/calibrate.txt"; cp "$W"/cache/calibration-*.json "$W/" 2>/dev/null; pack
+  el "calibrate rc=$?"; tail -22 "$W/calibrate.txt"
+  cp "$W"/cache/calibration-*.json "$W/" 2>/dev/null; pack
   FB="$PWD/bench"
   # Denominators: eager bf16 SDPA and torch.compile max-autotune bf16 of the plain model (fp32
   # SDPA stays for the cosines); no training rows (the fused encoder is for embedding).
   FSKIP="explicit|defaults|compile.*fp32"
-  (cd /tmp && timeout "$(cap "${FM_S:-120}")" python "$FB/bench_model.py" --device cuda --data random \
-      --full-width --windows 4096 --batch 1024 --no-train --compile --compile-mode max-autotune \
-      --compile-timeout 90 --skip "$FSKIP" --json "$W/fused_model_padded.json") > "$W/fused_model_padded.txt" 2>&1
+  FM="--device cuda --windows 4096 --batch 1024 --no-train --compile --compile-mode max-autotune"
+  (cd /tmp && timeout "$(cap "${FM_S:-150}")" python "$FB/bench_model.py" $FM --data random \
+      --full-width --compile-timeout 90 --skip "$FSKIP" --json "$W/fused_model_padded.json") \
+      > "$W/fused_model_padded.txt" 2>&1
   el "bench_model fused, 200-padded rc=$?"; tail -16 "$W/fused_model_padded.txt"; pack
   if [ -n "$DATA" ]; then
-    (cd /tmp && timeout "$(cap "${FM_S:-120}")" python "$FB/bench_model.py" --device cuda --data eros \
-        --windows 4096 --batch 1024 --no-train --compile --compile-mode max-autotune \
-        --compile-timeout 90 --skip "$FSKIP" --json "$W/fused_model_eros.json") > "$W/fused_model_eros.txt" 2>&1
+    # Real lengths: one compiled graph per batch width, so the compiled row only on request.
+    ESKIP="$FSKIP"; [ -n "${FME_COMPILE:-}" ] || ESKIP="$FSKIP|compile"
+    (cd /tmp && timeout "$(cap "${FME_S:-75}")" python "$FB/bench_model.py" $FM --data eros \
+        --compile-timeout 90 --skip "$ESKIP" \
+        --json "$W/fused_model_eros.json") \
+        > "$W/fused_model_eros.txt" 2>&1
     el "bench_model fused, EROS-1 real lengths rc=$?"; tail -16 "$W/fused_model_eros.txt"; pack
   fi
   (cd /tmp && timeout "$(cap "${FE_S:-75}")" python "$FB/bench_embed.py" --device cuda \

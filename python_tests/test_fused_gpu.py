@@ -120,7 +120,8 @@ _INTERPRETED = textwrap.dedent(
             for skip in (True, False):
                 out = torch.full((B * L, D), float("nan"))
                 tfb.attention(y, kh, allh, out, B, L, H, rule_id, 1 / math.sqrt(hd), skip=skip)
-                errs[f"attention L={L} {rule} skip={skip}"] = (out.double() - want).abs().max().item()
+                err = (out.double() - want).abs().max().item()
+                errs[f"attention L={L} {rule} skip={skip}"] = err
     for preset in ("astromer2", "astromer1"):
         model = make_model(preset)
         t, m, valid = make_windows()
