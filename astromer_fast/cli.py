@@ -115,6 +115,14 @@ def _info(args):
 
         print(f"  backends (cuda): {available_backends(torch.device('cuda'))}")
         print(f"  per-op defaults (cuda): {backends.CUDA_DEFAULTS}")
+        from astromer_fast.kernels import calibration
+
+        key = calibration.calibration_key("cuda")
+        cached = calibration.load(key)
+        print(f"  GPU path calibration: "
+              + (f"{cached.get('candidate') or 'failed: ' + str(cached.get('error'))[:200]}"
+                 if cached else "none (astromer-fast calibrate)")
+              + f" [{calibration.cache_path(key)}]")
         print(f"  cuda backend's attention kernels: {_cuda_attention_kernel()} (${CUDA_ATTENTION_ENV})")
     print(f"  packaged models: {packaged_models() or 'none'}")
     return 0
