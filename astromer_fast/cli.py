@@ -58,6 +58,33 @@ def _convert(args):
     return 0
 
 
+def _calibrate(args):
+    import torch
+
+    from astromer_fast.kernels import calibration
+
+    device = torch.device(args.device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise ValueError(f"calibrate needs a CUDA device, got {args.device!r}"
+                         + ("" if torch.cuda.is_available() else " (torch sees no CUDA device)"))
+    model = None
+    if args.model is not None:
+        from astromer_fast.model import Astromer
+
+        model = Astromer.from_pretrained(args.model)
+
+    def log(row):
+        took = f"{row['seconds'] * 1e3:9.2f} ms" if row["seconds"] is not None else "        -"
+        cos = f"{row['min_cosine']:.5f}" if "min_cosine" in row else "-"
+        print(f"  {row['candidate']:16s} width {row['width']:4d}  {took}  min cosine {cos}"
+              + (f"  {row['error'][:120]}" if "error" in row else ""), flush=True)
+
+    widths = tuple(int(w) for w in args.widths.split(","))
+    result = calibration.calibrate(device, model, widths=widths, batch=args.batch, log=log)
+    print(f"choice: {result['candidate']} -> {calibration.cache_path(result['key'])}")
+    return 0
+
+
 def _info(args):
     import torch
 
@@ -88,6 +115,14 @@ def _info(args):
 
         print(f"  backends (cuda): {available_backends(torch.device('cuda'))}")
         print(f"  per-op defaults (cuda): {backends.CUDA_DEFAULTS}")
+        from astromer_fast.kernels import calibration
+
+        key = calibration.calibration_key("cuda")
+        cached = calibration.load(key)
+        print(f"  GPU path calibration: "
+              + (f"{cached.get('candidate') or 'failed: ' + str(cached.get('error'))[:200]}"
+                 if cached else "none (astromer-fast calibrate)")
+              + f" [{calibration.cache_path(key)}]")
         print(f"  cuda backend's attention kernels: {_cuda_attention_kernel()} (${CUDA_ATTENTION_ENV})")
     print(f"  packaged models: {packaged_models() or 'none'}")
     return 0
@@ -172,6 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     from astromer_fast.evaluation.cli import add_parser as add_evaluate_parser
 
     add_evaluate_parser(sub)
+
+    k = sub.add_parser("calibrate", help="time the GPU paths on this GPU and cache the fastest "
+                       "that matches float32 (embed's default on CUDA)")
+    k.add_argument("--device", default="cuda")
+    k.add_argument("--model", default=None, help="model directory (default: the packaged model)")
+    k.add_argument("--widths", default=",".join(str(w) for w in (48, 112, 200)))
+    k.add_argument("--batch", type=int, default=1024, help="windows per timed call")
+    k.set_defaults(func=_calibrate)
 
     i = sub.add_parser("info", help="versions, compiled kernels, backends, packaged models")
     i.set_defaults(func=_info)

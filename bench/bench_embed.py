@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -50,7 +51,15 @@ from astromer_fast.data.layouts import detect_layout
 from astromer_fast.embedding.stream import prepare
 from astromer_fast.model import masked_mean
 
+from _timing import environ
+
 NAN = float("nan")
+
+
+def _shared_data() -> Path:
+    """``$ASTROMER_FAST_SHARED_DATA`` (a GPU run's copy), else ../shared/data."""
+    env = os.environ.get("ASTROMER_FAST_SHARED_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def generate(path: Path, n_curves: int, lo: int, hi: int, seed: int = 0):
@@ -93,16 +102,32 @@ def prepared_batches(model, path, device, batch_size, read_rows):
     return batches
 
 
-def model_only_variants(model, device, compile_ref: bool, precision: str):
-    """name -> function(t, m, valid) -> window means: this package's model (as ``embed`` runs it)
-    and the plain PyTorch model done right."""
+def model_only_variants(model, device, compile_ref: bool, precision: str,
+                        compile_mode: str | None = None):
+    """name -> function(t, m, valid) -> window means: this package's model (as ``embed`` runs it,
+    on CUDA also each GPU path forced) and the plain PyTorch model done right."""
     from astromer_fast.embedding.device import WindowEncoder
 
     ours = WindowEncoder(model, device, precision=precision)
     out = {f"model only, astromer_fast {precision}": ours.pooled}
+    if device.type == "cuda" and precision == "bf16":
+        for path, att in (("plain", ""), ("fused", "sdpa"), ("fused", "triton"),
+                          ("fused", "cuda_tc")):
+            env = {"ASTROMER_FAST_GPU_PATH": path, **({"ASTROMER_FAST_GPU_ATTENTION": att}
+                                                       if att else {})}
+            try:
+                with environ(env):
+                    enc = WindowEncoder(model, device, precision=precision)
+            except Exception as e:  # noqa: BLE001 - reported, the other rows still run
+                print(f"GPU path {path} {att}: {type(e).__name__}: {e}")
+                continue
+            out[f"model only, astromer_fast {path} GPU path" + (f", {att}" if att else "")] = \
+                enc.pooled
+
+    mode = compile_mode if compile_mode not in (None, "default") else None
 
     def plain(precision_, compiled=False):
-        encode = torch.compile(model.encode) if compiled else model.encode
+        encode = torch.compile(model.encode, mode=mode) if compiled else model.encode
 
         def f(t, m, valid):
             with torch.autocast(device.type, dtype=torch.bfloat16,
@@ -114,8 +139,9 @@ def model_only_variants(model, device, compile_ref: bool, precision: str):
     out["model only, PyTorch fp32 + SDPA"] = plain("fp32")
     out["model only, PyTorch bf16 + SDPA"] = plain("bf16")
     if compile_ref:
-        out["model only, torch.compile fp32 + SDPA"] = plain("fp32", True)
-        out["model only, torch.compile bf16 + SDPA"] = plain("bf16", True)
+        tag = f"torch.compile {mode}" if mode else "torch.compile"
+        out[f"model only, {tag} fp32 + SDPA"] = plain("fp32", True)
+        out[f"model only, {tag} bf16 + SDPA"] = plain("bf16", True)
     return out
 
 
@@ -179,7 +205,7 @@ def naive(model, path, device, n_curves, window=200):
 
 def eros_parquet(dst: Path, n_curves: int | None) -> int:
     """The first ``n_curves`` of EROS-1 (both bands) copied to ``dst``; their observations."""
-    src = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "eros1.parquet"
+    src = _shared_data() / "eros1.parquet"
     if not src.is_file():
         sys.exit(f"--data eros needs {src} (or use --data generated)")
     table = pq.read_table(src, columns=["id", "band", "lightcurve"])
@@ -215,6 +241,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="also time torch.compile of the plain model (model only)")
+    p.add_argument("--compile-mode", default="default",
+                   help="torch.compile mode of the compiled rows, e.g. max-autotune")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--cpu-time", action="store_true",
                    help="time with this process's CPU seconds (all its threads, the decoding "
@@ -227,7 +255,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.data is None:
-        shared = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "eros1.parquet"
+        shared = _shared_data() / "eros1.parquet"
         args.data = "eros" if shared.is_file() else "generated"
     torch.manual_seed(0)
     default = embedding_precision(device)
@@ -244,7 +272,7 @@ def main(argv=None):
         model = astromer_fast.load_model(device=device).eval()
         batches = prepared_batches(model, src, device, args.batch_size, args.read_rows)
         n_windows = sum(b[0].shape[0] for b in batches)
-        variants = model_only_variants(model, device, args.compile, default)
+        variants = model_only_variants(model, device, args.compile, default, args.compile_mode)
 
         def pipeline(precision, out):
             return astromer_fast.embed(src, out, model=model, device=device, progress=False,

@@ -32,6 +32,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import platform
 import re
 import statistics
@@ -57,7 +58,9 @@ FP32_SDPA = "PyTorch fp32 + SDPA"
 # Data: windows sorted by decreasing length, cut into batches at their longest
 # -------------------------------------------------------------------------------------------------
 def shared_data_dir() -> Path:
-    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    """``$ASTROMER_FAST_SHARED_DATA`` (a GPU run's copy), else ../shared/data."""
+    env = os.environ.get("ASTROMER_FAST_SHARED_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def eros_windows(n: int, seed: int = 0):
@@ -99,7 +102,7 @@ def make_data(args, device):
     batches = []
     for s in range(0, len(n), args.batch):
         e = min(s + args.batch, len(n))
-        width = max(int(n[s]), 1)
+        width = t.shape[1] if args.full_width else max(int(n[s]), 1)
         batches.append(tuple(x[s:e, :width].contiguous().to(device)
                              for x in (t, m, valid, err, probed)))
     return batches, int(n.sum())
@@ -108,7 +111,7 @@ def make_data(args, device):
 # -------------------------------------------------------------------------------------------------
 # Variants
 # -------------------------------------------------------------------------------------------------
-def variants(device, compile_ref):
+def variants(device, compile_ref):  # compile_ref: False, True or a torch.compile mode
     """(name, builder[, setup]) tuples; a builder takes the packaged model and the device and
     returns (embed, train) closures over one batch; setup as ``_setup`` takes it."""
     cuda = device.type == "cuda"
@@ -116,9 +119,18 @@ def variants(device, compile_ref):
            (FP32_SDPA, ref_variant("fp32", sdpa=True)),
            (BF16_SDPA, ref_variant("bf16", sdpa=True))]
     if compile_ref:
-        out += [("torch.compile fp32 + SDPA", ref_variant("fp32", sdpa=True, compiled=True)),
-                ("torch.compile bf16 + SDPA", ref_variant("bf16", sdpa=True, compiled=True))]
+        mode = compile_ref if isinstance(compile_ref, str) and compile_ref != "default" else None
+        tag = f"torch.compile {mode} " if mode else "torch.compile "
+        out += [(tag + "fp32 + SDPA", ref_variant("fp32", sdpa=True, compiled=True, mode=mode)),
+                (tag + "bf16 + SDPA", ref_variant("bf16", sdpa=True, compiled=True, mode=mode))]
     if cuda:
+        # The fused GPU encoder (embedding only: training keeps the plain model), per attention,
+        # eager and replayed from one CUDA graph per batch as embed's graph cache does.
+        for att, stages in (("sdpa", None), ("triton", 1), ("triton", 2), ("cuda_tc", None)):
+            name = f"astromer_fast fused GPU bf16, attention {att}" + \
+                (f" ({stages} stage{'s' if stages > 1 else ''})" if stages else "")
+            out += [(name, fused_gpu_variant(att, stages, graphs=False)),
+                    (name + ", CUDA graphs", fused_gpu_variant(att, stages, graphs=True))]
         # Candidates for the attention default, the other ops on their defaults: Triton's tl.dot
         # kernels and the CUDA tensor-core (WMMA) kernels, both bf16 on tensor cores.
         out += [("astromer_fast defaults, bf16", ours_plain_variant("bf16")),
@@ -157,15 +169,15 @@ def _adam(model):
     return torch.optim.Adam(model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-9)
 
 
-def ref_variant(precision, sdpa, compiled=False):
+def ref_variant(precision, sdpa, compiled=False, mode=None):
     def build(model, device):
         emb_model, train_model = copy.deepcopy(model).eval(), copy.deepcopy(model)
         kw = dict(backend="sdpa" if sdpa else "torch")
         encode = emb_model.encode
         forward = train_model
         if compiled:
-            encode = torch.compile(emb_model.encode)
-            forward = torch.compile(train_model)
+            encode = torch.compile(emb_model.encode, mode=mode)
+            forward = torch.compile(train_model, mode=mode)
         opt = _adam(train_model)
 
         def embed(t, m, valid):
@@ -230,6 +242,33 @@ def fused_variant(precision):
     return build
 
 
+def fused_gpu_variant(attention, stages, graphs):
+    def build(model, device):
+        from astromer_fast.model.fused_gpu import FusedGpuEncoder
+
+        enc = FusedGpuEncoder(copy.deepcopy(model).eval(), attention=attention, stages=stages)
+        if not graphs:
+            return enc, None
+        # The bench's batches are fixed device tensors: one graph per batch, captured on first
+        # use (after an eager warm-up call that compiles the kernels), replayed afterwards.
+        cache = {}
+
+        def embed(t, m, valid):
+            key = (t.data_ptr(), t.shape)
+            if key not in cache:
+                enc(t, m, valid)
+                torch.cuda.synchronize(device)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    out = enc(t, m, valid)
+                cache[key] = (g, out)
+            g, out = cache[key]
+            g.replay()
+            return out
+        return embed, None
+    return build
+
+
 class Variant:
     def __init__(self, name, build, model, batches, args, device, setup=None):
         self.name, self.args, self.device, self.batches = name, args, device, batches
@@ -244,7 +283,7 @@ class Variant:
                     time_limit(args.compile_timeout if "compile" in name else None):
                 self.embed, self.train = build(model, device)
                 self.outputs = self.embed_all()  # first calls: compilation, caches
-                if not args.no_train:
+                if not args.no_train and self.train is not None:
                     for b in batches:
                         self.train(b)
                 self._sync()
@@ -272,7 +311,7 @@ class Variant:
             with _setup(**self.setup):
                 self.samples["embed"].append(timed_median(self.embed_all, self.device,
                                                           self.args.repeats, 1, clock))
-                if not self.args.no_train:
+                if not self.args.no_train and self.train is not None:
                     self.samples["train"].append(timed_median(self.train_all, self.device,
                                                               self.args.repeats, 1, clock))
         except Exception as exc:  # noqa: BLE001
@@ -334,7 +373,8 @@ def run(args):
           f"{torch.__version__}; median of {args.repeats} per round, {args.rounds} round(s), "
           f"{clock}", flush=True)
     built, rows = [], []
-    for name, build, *setup in variants(device, args.compile):
+    compile_ref = args.compile and (getattr(args, "compile_mode", None) or True)
+    for name, build, *setup in variants(device, compile_ref):
         if args.skip and re.search(args.skip, name):
             continue
         v = Variant(name, build, model, batches, args, device, *setup)
@@ -351,8 +391,9 @@ def run(args):
     for r in range(args.rounds):
         for v in built:
             v.time_round()
-        _ratios(rows)
-        _dump(args, device, hw, n, n_obs, rows)
+            # Written after every variant: a run stopped by its time limit keeps what finished.
+            _ratios(rows)
+            _dump(args, device, hw, n, n_obs, rows)
     print(f"\nmedian over {args.rounds} rounds; ratios to {BF16_SDPA} and {FP32_SDPA}:")
     _print_table(rows)
     return rows
@@ -377,12 +418,16 @@ if __name__ == "__main__":
     p.add_argument("--windows", type=int, default=None)
     p.add_argument("--length", type=int, default=200)
     p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--full-width", action="store_true",
+                   help="keep every batch at the full window (200-padded), not cut to its longest")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed passes per round (median; default 5 CUDA, 1 CPU)")
     p.add_argument("--rounds", type=int, default=None,
                    help="rounds, each timing every variant in turn (default 1 CUDA, 3 CPU)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="also time torch.compile of the reference (default: on CUDA only)")
+    p.add_argument("--compile-mode", default="default",
+                   help="torch.compile mode of the compiled variants, e.g. max-autotune")
     p.add_argument("--compile-timeout", type=float, default=300.0,
                    help="seconds allowed for compiling (and first calls of) a compiled variant")
     p.add_argument("--no-train", action="store_true")

@@ -149,7 +149,31 @@ def bench_masked_attention(args) -> list:
                 # The tensor-core (WMMA) kernels, opt-in until they have passed on a GPU.
                 out.append(("cuda tensor_cores bf16",
                             variant(fn, dt, env={"ASTROMER_FAST_CUDA_ATTENTION": "tensor_cores"})))
+    if cuda and "triton" in _kernel_backends(device):
+        # The fused GPU encoder's attention (forward only): q, k, v read out of one (B*L, 3D)
+        # projection, the heads written side by side, fully hidden key blocks skipped.
+        for stages in (1, 2):
+            out.append((f"triton fused-block bf16, {stages} stage(s), forward only",
+                        _fused_block_attention(base, kh, stages)))
     return out
+
+
+def _fused_block_attention(base, kh, stages):
+    def make():
+        from astromer_fast.kernels import _triton_fused_block as tfb
+
+        B, H, L, hd = base[0].shape
+        y = torch.cat([x.transpose(1, 2).reshape(B * L, H * hd) for x in base], 1)
+        y = y.to(torch.bfloat16).contiguous()
+        out = torch.empty(B * L, H * hd, dtype=torch.bfloat16, device=y.device)
+        kh8 = kh.contiguous().view(torch.uint8)
+        allh = kh.all(1).contiguous().view(torch.uint8)
+
+        def fwd():
+            tfb.attention(y, kh8, allh, out, B, L, H, 0, 1.0 / math.sqrt(hd), stages=stages)
+
+        return fwd, None
+    return make
 
 
 @register("weighted_rmse")

@@ -11,6 +11,9 @@ import pytest
 # the CPU precision to float32; the bfloat16 default is tested against float32, with its own
 # tolerances, in test_fused_cpu.py.
 os.environ.setdefault("ASTROMER_FAST_PRECISION", "fp32")
+# A CUDA embed reads the cached GPU calibration but never starts one during the tests (a child
+# process of its own, minutes on a fresh GPU); bench/gpu_check.sh calibrates before its tests.
+os.environ.setdefault("ASTROMER_FAST_CALIBRATE", "0")
 
 
 def shared_data_dir() -> Path:

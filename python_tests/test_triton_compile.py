@@ -85,6 +85,25 @@ for rows in (1, 7 * 200):
     w, b, token = torch.zeros(256), torch.zeros(256), torch.zeros(())
     ie._RUNNERS["triton"](t, m, hidden, w, b, token, 1000.0, torch.empty(rows, 256))
     ie._RUNNERS["triton"](t, m, None, w, b, None, 1000.0, torch.empty(rows, 256))
+import astromer_fast.kernels._triton_fused_block as tfb
+D, DFF = H * HD, 512
+for dtype in (torch.float32, torch.bfloat16):
+    for L in (1, 7, 200):
+        B = 3
+        N = B * L
+        kh = torch.zeros(B, L, dtype=torch.uint8)
+        allh = torch.zeros(B, dtype=torch.uint8)
+        y, o = torch.zeros(N, 4 * D, dtype=dtype), torch.empty(N, D, dtype=dtype)
+        for rule in (0, 1):
+            for stages in (1, 2):
+                tfb.attention(y, kh, allh, o, B, L, H, rule, 0.125, stages=stages)
+        u = torch.zeros(N, DFF + D, dtype=dtype)
+        tfb.bias_tanh(u, torch.zeros(DFF), DFF)
+        g, bias = torch.ones(D), torch.zeros(D)
+        pooled = torch.zeros(B, 7, D)
+        tfb.residual_layernorm(o, bias, None, None, g, bias, 1e-6, o, B, L)
+        tfb.residual_layernorm(o, bias, u[:, DFF:], bias, g, bias, 1e-6, o, B, L, kh,
+                               pooled[:, 3])
 print(json.dumps(compiled))
 """
 
@@ -100,6 +119,7 @@ def test_every_triton_kernel_compiles_for_sm90(tmp_path):
     compiled = json.loads(proc.stdout.strip().splitlines()[-1])
     names = {name for name, _, _ in compiled}
     assert names >= {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_bwd_delta_kernel",
-                     "_wrmse_windows", "_wrmse_reduce", "_input_embedding_fwd"}, names
+                     "_wrmse_windows", "_wrmse_reduce", "_input_embedding_fwd",
+                     "_flash_fwd", "_bias_tanh", "_residual_ln"}, names
     # Hopper gives a block at most 227 KiB of shared memory; a kernel over it fails at launch.
     assert max(shared for _, shared, _ in compiled) <= 227 * 1024, compiled

@@ -2,8 +2,10 @@
 the per-curve average on the device, so only the pooled floats come back to the host.
 
 On the CPU: the fused encoder (``astromer_fast.model.fused_cpu``), in the precision asked for or the
-CPU's default. On CUDA: bf16 autocast (unless ``precision="fp32"``) with fp32 pooling, pinned host
-memory, non-blocking copies, and CUDA graphs: one graph per window-width bucket (widths rounded up to a multiple of 16, batches padded to the
+CPU's default. On CUDA: in bf16 (unless ``precision="fp32"``: the plain model in float32) either
+the fused GPU encoder (``model/fused_gpu.py``) or the plain model under autocast, as ``gpu_path``
+decides, with fp32 pooling; pinned host memory, copies on a side stream into two alternating
+buffers (``h2d.py``), and CUDA graphs: one graph per window-width bucket (widths rounded up to a multiple of 16, batches padded to the
 batch size with fully hidden rows), so a replay costs one launch instead of ~100. Padding columns
 and rows are hidden keys, which get exactly zero attention weight, so the buckets change nothing
 but the cost. A capture that fails falls back to eager execution with a warning.
@@ -21,6 +23,7 @@ import warnings
 import numpy as np
 import torch
 
+from astromer_fast.embedding.h2d import iter_batches
 from astromer_fast.model import masked_mean
 
 
@@ -80,14 +83,6 @@ class WindowEncoder:
             return torch.stack([masked_mean(x.float(), valid) for x in out.layers], dim=1)
         return masked_mean(out.last.float(), valid)
 
-    def _to_device(self, a, sl):
-        if self.cuda:
-            # Copy whole rows (one contiguous block of pinned memory, truly asynchronous) and cut
-            # the width on the device: a column slice is strided, and a strided host tensor is
-            # staged through pageable memory, which makes the copy synchronous.
-            return a[sl[0]].to(self.device, non_blocking=True)[:, sl[1]]
-        return a[sl]
-
     @torch.inference_mode()
     def run(self, chunk, per_window: bool = False):
         """Embeddings of one prepared chunk.
@@ -107,14 +102,15 @@ class WindowEncoder:
         win = torch.empty((n_win, *shape), dtype=torch.float32) if per_window else None
         lengths = chunk.n_valid_sorted
         tm = self.timers
-        for s in range(0, n_win, self.batch_size):
-            e_ = min(s + self.batch_size, n_win)
-            width = max(int(lengths[s]), 1)  # sorted: the first is the longest
-            sl = (slice(s, e_), slice(0, width))
+        spans = [(s, min(s + self.batch_size, n_win)) for s in range(0, n_win, self.batch_size)]
+        # Each batch cut to its longest window (sorted: its first).
+        slices = [(slice(s, e_), max(int(lengths[s]), 1)) for s, e_ in spans]
+        batches = iter_batches(chunk.tensors, ("t", "m", "valid"), slices, dev,
+                               self.batch_size)
+        for s, e_ in spans:
             t0 = time.perf_counter()
-            t = self._to_device(chunk.tensors["t"], sl)
-            m = self._to_device(chunk.tensors["m"], sl)
-            valid = self._to_device(chunk.tensors["valid"], sl)
+            b = next(batches)
+            t, m, valid = b["t"], b["m"], b["valid"]
             self._sync()
             t1 = time.perf_counter()
             e = self.pooled(t, m, valid)
@@ -129,6 +125,7 @@ class WindowEncoder:
             tm.add("transfer", t1 - t0)
             tm.add("model", t2 - t1)
             tm.add("pool", t3 - t2)
+        batches.close()
         t0 = time.perf_counter()
         total = torch.zeros(n_cur, dtype=torch.float32, device=dev)
         total.index_add_(0, curve, nvalid)
@@ -151,20 +148,59 @@ def embedding_precision(device: torch.device, precision: str | None = None) -> s
 
 
 def _choose_engine(model, device: torch.device, precision: str | None):
-    """(precision, fused CPU encoder or None). On the CPU the fused encoder runs whenever the
-    model's shape allows it (else the plain model, under bf16 autocast for ``bf16``); on CUDA the
-    plain model runs, under bf16 autocast unless ``fp32`` is asked for."""
+    """(precision, fused encoder or None). On the CPU the fused encoder runs whenever the
+    model's shape allows it (else the plain model, under bf16 autocast for ``bf16``); on CUDA,
+    in ``bf16`` the fused GPU encoder where ``gpu_path`` chooses it, else the plain model, under
+    bf16 autocast unless ``fp32`` is asked for."""
     from astromer_fast.model.fused_cpu import (FusedCpuEncoder, fused_cpu_unsupported,
                                                resolve_precision)
 
     if device.type != "cpu":
         if precision not in (None, "auto", "fp32", "bf16"):
             resolve_precision(precision)  # raises, naming the choices
-        return ("fp32" if precision == "fp32" else "bf16"), None
+        precision = "fp32" if precision == "fp32" else "bf16"
+        return precision, (_fused_gpu_encoder(model) if precision == "bf16" else None)
     precision = resolve_precision(precision)
     if fused_cpu_unsupported(model.config) is not None:
         return precision, None
     return precision, FusedCpuEncoder(model, precision)
+
+
+def gpu_path(device: torch.device) -> dict:
+    """How ``embed`` runs bf16 windows on ``device``: {"path": "fused" or "plain", "attention",
+    "stages", "source"}. ``$ASTROMER_FAST_GPU_PATH`` (fused, plain or auto) decides when set;
+    else the calibrated choice for this GPU (``kernels/calibration.py``); else ``plain``, the
+    model with ``backends.CUDA_DEFAULTS``."""
+    from astromer_fast.model.fused_gpu import GPU_PATH_ENV, GPU_PATHS
+
+    env = os.environ.get(GPU_PATH_ENV, "").strip().lower()
+    if env not in ("", "auto") + GPU_PATHS:
+        raise ValueError(f"${GPU_PATH_ENV}={env!r}: choose one of {GPU_PATHS} or 'auto'")
+    if env in GPU_PATHS:
+        return {"path": env, "attention": None, "stages": None, "source": GPU_PATH_ENV}
+    from astromer_fast.kernels.calibration import cached_choice
+
+    choice = cached_choice(device)
+    if choice:
+        return {**choice, "source": "calibration"}
+    return {"path": "plain", "attention": None, "stages": None, "source": "fallback"}
+
+
+def _fused_gpu_encoder(model):
+    """The fused GPU encoder when ``gpu_path`` says so and the model's shape allows it, else None
+    (the plain model). A fused encoder that cannot be built falls back with a warning."""
+    from astromer_fast.model.fused_gpu import FusedGpuEncoder, fused_gpu_unsupported
+
+    device = next(model.parameters()).device
+    choice = gpu_path(device)
+    if choice["path"] != "fused" or fused_gpu_unsupported(model.config) is not None:
+        return None
+    try:
+        return FusedGpuEncoder(model, attention=choice["attention"], stages=choice["stages"])
+    except (ValueError, RuntimeError) as e:
+        warnings.warn(f"the fused GPU encoder cannot run ({e}); embedding with the plain model",
+                      RuntimeWarning)
+        return None
 
 
 def pin(a: np.ndarray, cuda: bool) -> torch.Tensor:
