@@ -23,12 +23,15 @@ import numpy as np
 import pyarrow as pa
 
 from astromer_fast.data import Curves
-from astromer_fast.data.layouts import detect_layout
+from astromer_fast.embedding.batch import BatchEmbedder
 from astromer_fast.embedding.columns import (COLUMN_KEYWORDS, Columns, check_columns,
                                              columns_from)
+from astromer_fast.embedding.embed import embed
 from astromer_fast.embedding.options import positive_int
 
 ON_REJECT = ("raise", "nan", "zero")
+# The table many() builds from its arrays: row numbers as ids, one nested column, no band.
+ARRAYS_TABLE = Columns(id="id", band="", lightcurve="lightcurve", layout="nested")
 
 
 def _one_curve(t, m, err, where: str):
@@ -101,8 +104,6 @@ class Embedder:
                  window_mode: str = "overlap", columns: Columns | None = None,
                  min_obs: int = 5, batch_size: int = 256, layers: bool = False,
                  chunk_curves: int = 4096):
-        from astromer_fast.embedding.batch import BatchEmbedder
-
         self.columns = columns_from(columns)
         self.chunk_curves = positive_int("chunk_curves", chunk_curves)
         self._batch = BatchEmbedder(model, columns=self.columns, device=device,
@@ -156,8 +157,7 @@ class Embedder:
             # Row numbers as ids: the output rows are put back in place by them.
             table = pa.table({"id": pa.array(np.arange(len(part)).astype(str)),
                               "lightcurve": part.to_arrow()})
-            layout = detect_layout(table.schema, "arrays", id_col="id", band_col="",
-                                   lightcurve_col="lightcurve", layout="nested")
+            layout = ARRAYS_TABLE.detect(table.schema, "arrays")
             chunk = self._batch.prepare(table, layout)
             rows, rejects, (row_curve, reject_curve) = self._batch.embed_chunk(
                 chunk, schema, with_index=True)
@@ -175,8 +175,6 @@ class Embedder:
         (``resume``, ``progress``, ``bands``, ``per_window``...; ``columns`` or an old column
         keyword such as ``id_col`` replaces what this embedder's ``columns`` say).
         Returns its ``EmbedSummary``."""
-        from astromer_fast.embedding.embed import embed
-
         if output is None:
             raise ValueError("to_parquet needs an output folder; for a table in memory call "
                              "astromer_fast.embed(source)")
