@@ -86,7 +86,7 @@ def run_host(path: Path, threads: int, read_rows: int) -> dict:
     """The producer alone over the file: chunks prepared and dropped."""
     from astromer_fast.data.layouts import detect_layout
     from astromer_fast.embedding.columns import Columns
-    from astromer_fast.embedding.stream import ChunkReady, Job, Producer
+    from astromer_fast.embedding.stream import ChunkReady, FileFailed, Job, Producer
 
     layout = detect_layout(pq.ParquetFile(path).schema_arrow, str(path))
     prep_kw = dict(window=200, window_mode="overlap", min_obs=5, cuda=False, bands=None)
@@ -99,8 +99,8 @@ def run_host(path: Path, threads: int, read_rows: int) -> dict:
             if isinstance(event, ChunkReady):
                 curves += event.chunk.n_curves
                 windows += event.chunk.n_windows
-            elif item[0] == "error":
-                raise item[2]
+            elif isinstance(event, FileFailed):
+                raise event.error
     finally:
         producer.close()
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0

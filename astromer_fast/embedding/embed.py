@@ -244,14 +244,20 @@ def embed(source, output=None, *, model=None, columns: Columns | None = None,
         print(summary)
     if out_dir is not None:
         return summary
+    table, rejects = _tables_kept(kept, be, meta)
+    return (table, rejects) if return_rejects else table
+
+
+def _tables_kept(kept: list, be: BatchEmbedder, meta: dict | None):
+    """(embeddings, rejects) of the inputs embedded into memory, one table each, with the
+    metadata of the first input (``meta``; None: no input was read)."""
     schema = be.schema() if meta is None else output_schema(be.d, be.n_layers, be.per_window, meta)
     tables = [t for out in kept for t in out.tables]
     table = pa.concat_tables([t.cast(schema) if t.schema != schema else t for t in tables]) \
         if tables else schema.empty_table()
-    table = table.replace_schema_metadata(schema.metadata)
     rejects = [r for out in kept for r in out.rejects]
-    rejects = pa.concat_tables(rejects) if rejects else REJECTS_SCHEMA.empty_table()
-    return (table, rejects) if return_rejects else table
+    return (table.replace_schema_metadata(schema.metadata),
+            pa.concat_tables(rejects) if rejects else REJECTS_SCHEMA.empty_table())
 
 
 def _embed_jobs(producer, be: BatchEmbedder, plans: dict, summary: EmbedSummary, bar, *,
