@@ -30,11 +30,13 @@ def _embed(args):
         raise ValueError("--address, --actors and --num-gpus-per-actor need --engine ray")
     else:
         from astromer_fast.embedding import embed as run
+    from astromer_fast.embedding.columns import Columns
+
+    columns = Columns(id=args.id_col, time=args.time_col, mag=args.mag_col, err=args.err_col,
+                      band=args.band_col, lightcurve=args.lc_col, layout=args.layout)
     summary = run(args.inputs, args.output, model=args.model, batch_size=args.batch_size,
                   device=args.device, window_mode=args.window_mode, min_obs=args.min_obs,
-                  id_col=args.id_col, band_col=args.band_col, lightcurve_col=args.lc_col,
-                  time_col=args.time_col, mag_col=args.mag_col, err_col=args.err_col,
-                  layout=args.layout, bands=args.band, layers=args.layers,
+                  columns=columns, bands=args.band, layers=args.layers,
                   per_window=args.per_window, read_batch_rows=args.read_rows,
                   resume=args.resume, continue_on_error=args.continue_on_error,
                   progress=not args.quiet, precision=args.precision,

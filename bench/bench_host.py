@@ -85,21 +85,22 @@ def tiny_model(d: Path):
 def run_host(path: Path, threads: int, read_rows: int) -> dict:
     """The producer alone over the file: chunks prepared and dropped."""
     from astromer_fast.data.layouts import detect_layout
-    from astromer_fast.embedding.stream import Job, Producer
+    from astromer_fast.embedding.columns import Columns
+    from astromer_fast.embedding.stream import ChunkReady, FileFailed, Job, Producer
 
     layout = detect_layout(pq.ParquetFile(path).schema_arrow, str(path))
     prep_kw = dict(window=200, window_mode="overlap", min_obs=5, cuda=False, bands=None)
     wall0, cpu0 = time.perf_counter(), time.process_time()
-    producer = Producer([Job(str(path), path=path)], {}, prep_kw, read_rows,
+    producer = Producer([Job(str(path), path=path)], Columns(), prep_kw, read_rows,
                         depth=max(2, threads), workers=threads).start()
     curves = windows = 0
     try:
-        for item in producer:
-            if item[0] == "chunk":
-                curves += item[2].n_curves
-                windows += item[2].n_windows
-            elif item[0] == "error":
-                raise item[2]
+        for event in producer:
+            if isinstance(event, ChunkReady):
+                curves += event.chunk.n_curves
+                windows += event.chunk.n_windows
+            elif isinstance(event, FileFailed):
+                raise event.error
     finally:
         producer.close()
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
@@ -123,17 +124,17 @@ def run_pipeline(path: Path, threads: int, read_rows: int, model) -> dict:
 def run_overhead(path: Path, read_rows: int) -> dict:
     """Packaged model, one thread, CPU time: embed() end to end vs the model on the same chunks."""
     import astromer_fast
-    from astromer_fast.embedding.embed import BatchEmbedder
-    from astromer_fast.embedding.stream import Job, Producer
+    from astromer_fast.embedding.batch import BatchEmbedder
+    from astromer_fast.embedding.stream import ChunkReady, Job, Producer
 
     be = BatchEmbedder(None, device="cpu")
     layout = be.detect(pq.ParquetFile(path).schema_arrow)
     chunks = []
-    producer = Producer([Job(str(path), path=path)], be.layout_kw, be.prep_kw, read_rows,
+    producer = Producer([Job(str(path), path=path)], be.columns, be.prep_kw, read_rows,
                         workers=1).start()
-    for item in producer:
-        if item[0] == "chunk":
-            chunks.append(item[2])
+    for event in producer:
+        if isinstance(event, ChunkReady):
+            chunks.append(event.chunk)
     producer.close()
     assert layout is not None
     be.encoder.run(chunks[0])  # warm-up

@@ -76,10 +76,10 @@ def main():
         model = Astromer(AstromerConfig(n_blocks=a.blocks))
         marks = []
 
-        def on_step(state):
+        def on_step(progress):
             if cuda:
                 torch.cuda.synchronize()
-            marks.append((time.perf_counter(), state["windows"]))
+            marks.append((time.perf_counter(), progress.windows))
 
         try:
             train(model, data, None, None, settings=s, device=a.device, log=None,

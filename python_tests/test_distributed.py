@@ -21,6 +21,7 @@ import astromer_fast
 from astromer_fast.cli import main as cli_main
 from astromer_fast.distributed import split_rejects
 from astromer_fast.distributed._core import embed_table, plan_file
+from astromer_fast.embedding.columns import Columns
 from astromer_fast.embedding.embed import BatchEmbedder
 
 READ_ROWS = 250
@@ -112,7 +113,7 @@ def test_units_follow_embeds_record_batches(data):
     reads the same rows back."""
     pf = pq.ParquetFile(data)
     sizes = [b.num_rows for b in pf.iter_batches(batch_size=READ_ROWS)]
-    tasks = plan_file(0, data, READ_ROWS, 3, {})
+    tasks = plan_file(0, data, READ_ROWS, 3, Columns())
     ranges = [r for t in tasks for r in t.ranges]
     assert [b - a for a, b in ranges] == sizes
     assert ranges[0][0] == 0 and all(r[1] == s[0] for r, s in zip(ranges, ranges[1:]))
@@ -190,14 +191,14 @@ class TestRay:
     def test_ray_data_map_batches(self, ray, data, model_dir, reference):
         from ray.data import ActorPoolStrategy
 
-        from astromer_fast.distributed.ray import Embedder
+        from astromer_fast.distributed.ray import RayEmbedder
 
         # Two blocks of 1000 rows, one per actor: each starts on embed's batch grid, so Ray
         # Data's batches of READ_ROWS rows are embed's batches.
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True
         ds = ray.data.read_parquet(str(data)).repartition(2).map_batches(
-            Embedder, fn_constructor_kwargs={"model": model_dir}, batch_format="pyarrow",
+            RayEmbedder, fn_constructor_kwargs={"model": model_dir}, batch_format="pyarrow",
             batch_size=READ_ROWS, num_cpus=0.5, compute=ActorPoolStrategy(size=2))
         combined = pa.concat_tables(ray.get(ds.to_arrow_refs()))
         assert_same_tables(combined, reference)

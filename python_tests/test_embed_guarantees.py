@@ -544,7 +544,7 @@ def test_the_engines_driver_keeps_the_same_guarantees(kw, survey, tmp_path):
     out = tmp_path / "out"
     todo, skipped, out_dir = prepare_outputs(survey, out, False, options)
     runner = TaskRunner(options, read_batch_rows=4)
-    tasks = plan(todo, 4, 2, 1, runner.layout_kw)
+    tasks = plan(todo, 4, 2, 1, runner.columns)
 
     def run():
         return drive(tasks, (runner.run(t) for t in tasks), out_dir, DistributedSummary(),

@@ -121,3 +121,23 @@ def test_to_parquet_uses_the_columns(tiny_model_dir, tmp_path):
     out = pq.read_table(tmp_path / "out" / "in.parquet")
     np.testing.assert_allclose(np.asarray(out["embedding"].to_pylist(), np.float32),
                                emb.many([(x, np.sin(x)) for x in t]), rtol=1e-5, atol=1e-6)
+
+
+def test_embed_takes_columns_or_the_old_keywords_alike(tiny_model_dir, tmp_path):
+    rng = np.random.default_rng(2)
+    t = [np.sort(rng.uniform(0, 500, 40)) for _ in range(2)]
+    table = pa.table({"objid": ["a", "b"], "when": [x.tolist() for x in t],
+                      "brightness": [np.cos(x).tolist() for x in t]})
+    kw = dict(model=tiny_model_dir, device="cpu", progress=False)
+    with_columns = embed(table, columns=Columns(id="objid", time="when", mag="brightness"),
+                         **kw)
+    with_keywords = embed(table, id_col="objid", time_col="when", mag_col="brightness", **kw)
+    assert with_columns.equals(with_keywords) and with_columns.num_rows == 2
+    with pytest.raises(ValueError, match="not both"):
+        embed(table, columns=Columns(id="objid"), time_col="when", **kw)
+    with pytest.raises(ValueError, match="Columns.time must be a column name"):
+        Columns(time=3)
+    with pytest.raises(ValueError, match="Columns.layout"):
+        Columns(layout="wide")
+    with pytest.raises(TypeError, match="idcol"):
+        embed(table, idcol="objid", **kw)

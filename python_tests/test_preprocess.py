@@ -272,6 +272,17 @@ def test_probe_counts_200_and_fractions():
     assert (p[0], s[0], r[0], m[0]) == (100, 10, 9, 81)
 
 
+@pytest.mark.parametrize("fractions", [(0.5, 0.2, 0.2), (0.5, 0.7, 0.3), (0.33, 0.1, 0.9)])
+def test_probe_counts_of_a_tensor_equal_those_of_an_array(fractions):
+    """The training masks count on the device with the same function: same counts, as tensors."""
+    torch = pytest.importorskip("torch")
+    n_valid = np.arange(0, 401)
+    for a, t in zip(probe_counts(n_valid, *fractions),
+                    probe_counts(torch.from_numpy(n_valid), *fractions)):
+        assert torch.is_tensor(t) and t.dtype == torch.int64
+        np.testing.assert_array_equal(t.numpy(), a)
+
+
 def test_probe_masks_seeded_and_uniform():
     valid = np.ones((4000, 200), dtype=bool)
     a = probe_masks(valid, np.random.default_rng(1))

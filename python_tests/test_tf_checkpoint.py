@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import shared_data_dir
+from tf_checkpoint_writer import unmask_crc, write_checkpoint
 
 from astromer_fast.weights.official import (
     infer_architecture,
@@ -30,8 +31,6 @@ from astromer_fast.weights.tf_checkpoint import (
     read_checkpoint,
     read_config,
     read_index,
-    unmask_crc,
-    write_checkpoint,
 )
 
 SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"

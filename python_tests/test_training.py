@@ -187,8 +187,8 @@ def test_resume_equals_uninterrupted(tmp_path):
     full = pretrain(tbl, tmp_path / "full", model=tiny_model(dropout=0.1), settings=_settings(),
                     curve_filter=None, log=None)
     # Killed at step 7 (the last checkpoint is at step 5), then resumed to 12.
-    def crash(state):
-        if state["step"] == 7:
+    def crash(progress):
+        if progress.step == 7:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):

@@ -576,7 +576,10 @@ class ProbeMasks:
 
 def probe_counts(n_valid, probed_frac: float = 0.5, same_frac: float = 0.2,
                  random_frac: float = 0.2):
-    """``(n_probed, n_same, n_random, n_masked)`` per window, int64.
+    """``(n_probed, n_same, n_random, n_masked)`` per window, int64: the one definition of the
+    counts, used by ``probe_masks`` (numpy) and by the training masks on the device
+    (``astromer_fast.training.masking``: give a torch tensor, get tensors on its device, with no
+    host round trip).
 
     ``n_probed = int(probed_frac * n_valid)``, ``n_same = ceil(same_frac * n_probed)``,
     ``n_random = ceil(random_frac * (n_probed - n_same))``, the rest masked. The products are
@@ -584,13 +587,32 @@ def probe_counts(n_valid, probed_frac: float = 0.5, same_frac: float = 0.2,
     with float64 arithmetic, but not for every fraction: with ``same_frac=0.7`` and 10 probed,
     float32 gives ``ceil(7.0) = 7`` where float64 gives ``ceil(7.000000000000001) = 8``.
     """
-    nv = np.asarray(n_valid).astype(np.float32)
-    n_probed = np.trunc(nv * np.float32(probed_frac)).astype(np.int64)
-    n_same = np.ceil(n_probed.astype(np.float32) * np.float32(same_frac)).astype(np.int64)
-    n_same = np.minimum(n_same, n_probed)
+    if type(n_valid).__module__.startswith("torch"):
+        import torch
+
+        ops = torch
+
+        def f32(x):
+            return x.to(torch.float32)
+
+        def i64(x):
+            return x.to(torch.int64)
+
+        def frac(v):
+            return torch.tensor(v, dtype=torch.float32)
+    else:
+        ops, frac = np, np.float32
+        n_valid = np.asarray(n_valid)
+
+        def f32(x):
+            return x.astype(np.float32)
+
+        def i64(x):
+            return x.astype(np.int64)
+    n_probed = i64(ops.trunc(f32(n_valid) * frac(probed_frac)))
+    n_same = ops.minimum(i64(ops.ceil(f32(n_probed) * frac(same_frac))), n_probed)
     rest = n_probed - n_same
-    n_random = np.ceil(rest.astype(np.float32) * np.float32(random_frac)).astype(np.int64)
-    n_random = np.minimum(n_random, rest)
+    n_random = ops.minimum(i64(ops.ceil(f32(rest) * frac(random_frac))), rest)
     return n_probed, n_same, n_random, rest - n_random
 
 

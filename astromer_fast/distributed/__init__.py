@@ -1,6 +1,6 @@
 """Embedding beyond one process, with the single-process code on every worker.
 
-``astromer_fast.distributed.ray`` (``pip install 'astromer-fast[ray]'``): ``Embedder`` for Ray
+``astromer_fast.distributed.ray`` (``pip install 'astromer-fast[ray]'``): ``RayEmbedder`` for Ray
 Data ``map_batches`` on GPU actor pools, and ``embed_files`` (``astromer-fast embed --engine
 ray``). ``astromer_fast.distributed.dask`` (``pip install 'astromer-fast[dask]'``):
 ``embed_partition`` for ``map_partitions`` on (nested-)pandas and LSDB, and ``embed_files``.
@@ -16,7 +16,7 @@ import importlib
 from astromer_fast.distributed._core import combined_schema, split_rejects
 
 _LAZY = {
-    "RayEmbedder": ("ray", "Embedder"),
+    "RayEmbedder": ("ray", "RayEmbedder"),
     "embed_ray": ("ray", "embed_files"),
     "embed_dask": ("dask", "embed_files"),
     "embed_partition": ("dask", "embed_partition"),

@@ -25,26 +25,29 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from astromer_fast.embedding.device import Timers
-from astromer_fast.embedding.embed import (REJECTS_SCHEMA, BatchEmbedder, EmbedSummary, _Sink,
-                                           expand_inputs, output_paths)
+from astromer_fast.embedding.batch import REJECTS_SCHEMA, BatchEmbedder
+from astromer_fast.embedding.columns import COLUMN_KEYWORDS, Columns, columns_from
+from astromer_fast.embedding.embed import EmbedSummary, expand_inputs
 from astromer_fast.embedding.inputs import check_long_table_grouped, open_parquet
-from astromer_fast.embedding.outputs import (SETTINGS_KEY, OutputFolderLock, plan_outputs,
-                                             remove_leftover_temps, why_not_reusable)
+from astromer_fast.embedding.outputs import (SETTINGS_KEY, OutputFolderLock, output_paths,
+                                             plan_outputs, remove_leftover_temps,
+                                             why_not_reusable)
 from astromer_fast.embedding.stream import LONG_BATCH_ROWS, InputFileError, Job, open_job
-from astromer_fast.data.layouts import detect_layout, iter_grouped
+from astromer_fast.embedding.writer import OutputFile
+from astromer_fast.data.layouts import iter_grouped
 
 # BatchEmbedder's keywords; everything a worker needs to rebuild the same embedder.
-EMBEDDER_OPTIONS = ("model", "device", "batch_size", "window_mode", "min_obs", "id_col",
-                    "band_col", "lightcurve_col", "time_col", "mag_col", "err_col", "layout",
+EMBEDDER_OPTIONS = ("model", "device", "batch_size", "window_mode", "min_obs", "columns",
                     "bands", "layers", "per_window", "precision", "standardize")
-LAYOUT_OPTIONS = ("id_col", "band_col", "lightcurve_col", "time_col", "mag_col", "err_col",
-                  "layout")
 
 
 def split_options(kw: dict) -> tuple[dict, dict]:
-    """(BatchEmbedder keywords, the rest)."""
+    """(BatchEmbedder keywords, the rest); the old column keywords (``id_col``...) of ``embed``
+    are taken too, folded into ``columns``."""
     emb = {k: v for k, v in kw.items() if k in EMBEDDER_OPTIONS}
-    return emb, {k: v for k, v in kw.items() if k not in EMBEDDER_OPTIONS}
+    old = {k: v for k, v in kw.items() if k in COLUMN_KEYWORDS}
+    emb["columns"] = columns_from(emb.get("columns"), **old)
+    return emb, {k: v for k, v in kw.items() if k not in EMBEDDER_OPTIONS + tuple(old)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,7 +89,7 @@ def combine(table: pa.Table, rejects: pa.Table, index, schema: pa.Schema) -> pa.
 
 
 def split_rejects(combined: pa.Table) -> tuple[pa.Table, pa.Table]:
-    """A combined table (``Embedder`` / ``embed_partition`` output) -> (embeddings in the
+    """A combined table (``RayEmbedder`` / ``embed_partition`` output) -> (embeddings in the
     single-process output schema, rejects in the rejects-file schema)."""
     if isinstance(combined, pa.RecordBatch):
         combined = pa.Table.from_batches([combined])
@@ -162,12 +165,12 @@ def batch_grid(n_rows: int, read_batch_rows: int) -> list[tuple[int, int]]:
     return [(s, min(s + read_batch_rows, n_rows)) for s in range(0, n_rows, read_batch_rows)]
 
 
-def plan_file(file: int, path, read_batch_rows: int, batches_per_task: int, layout_kw: dict):
+def plan_file(file: int, path, read_batch_rows: int, batches_per_task: int, columns: Columns):
     """The tasks of one input file, in order."""
     path = str(path)
     try:
         md = pq.ParquetFile(path).metadata
-        layout = detect_layout(md.schema.to_arrow_schema(), path, **layout_kw)
+        layout = columns.detect(md.schema.to_arrow_schema(), path)
     except Exception:  # noqa: BLE001 - the worker reads it again and reports it against the file
         return [Task(file, path, 0, 1, None)]
     if layout.kind == "long":
@@ -232,7 +235,7 @@ class TaskRunner:
 
             torch.set_num_threads(int(num_threads))
         self.be = BatchEmbedder(**options)
-        self.layout_kw = self.be.layout_kw
+        self.columns = self.be.columns
         self.rows = int(read_batch_rows)
         self.long_rows = long_batch_rows or max(LONG_BATCH_ROWS, self.rows)
         self.crash_once = crash_once
@@ -244,7 +247,7 @@ class TaskRunner:
         self.be.timers.clear()
         try:
             if task.ranges is None:
-                layout, batches = open_job(Job(task.path, path=Path(task.path)), self.layout_kw)
+                layout, batches = open_job(Job(task.path, path=Path(task.path)), self.columns)
                 if layout.kind == "long":  # before any work, as embed does
                     check_long_table_grouped(open_parquet(task.path), layout.id, task.path,
                                              LONG_BATCH_ROWS)
@@ -252,7 +255,7 @@ class TaskRunner:
                           if layout.kind == "long" else batches(self.rows))
             else:
                 pf = open_parquet(task.path)
-                layout = detect_layout(pf.schema_arrow, task.path, **self.layout_kw)
+                layout = self.columns.detect(pf.schema_arrow, task.path)
                 data = (pf.read_row_groups(list(task.row_groups), columns=layout.columns())
                         if task.ranges else None)
                 source = (data.slice(a - task.first_row, b - a) for a, b in task.ranges)
@@ -318,7 +321,7 @@ def prepare_outputs(source, output, resume: bool, options: dict | None = None):
 
 
 def plan(files, read_batch_rows: int, batches_per_task: int | None, workers: int,
-         layout_kw: dict) -> list[Task]:
+         columns: Columns) -> list[Task]:
     if batches_per_task is None:
         total = 0
         for p in files:
@@ -328,7 +331,7 @@ def plan(files, read_batch_rows: int, batches_per_task: int | None, workers: int
                 pass
         batches_per_task = auto_batches_per_task(total, read_batch_rows, workers)
     return [t for i, p in enumerate(files)
-            for t in plan_file(i, p, read_batch_rows, batches_per_task, layout_kw)]
+            for t in plan_file(i, p, read_batch_rows, batches_per_task, columns)]
 
 
 def drive(tasks, results, out_dir: Path, summary: DistributedSummary, *,
@@ -342,9 +345,8 @@ def drive(tasks, results, out_dir: Path, summary: DistributedSummary, *,
     total = sum(t.n_rows for t in tasks) if all(t.ranges is not None for t in tasks) else None
     bar = tqdm(total=total, unit=" rows", disable=not progress, desc="embedding",
                dynamic_ncols=True, smoothing=0.1)
-    sink = None
+    out = None
     failed_file = None
-    counts = [0, 0, 0, 0]
     try:
         for task in tasks:
             for p in output_paths(Path(task.path), out_dir):
@@ -357,38 +359,28 @@ def drive(tasks, results, out_dir: Path, summary: DistributedSummary, *,
                 summary.timings[k] = summary.timings.get(k, 0.0) + v
             if task.file == failed_file:
                 continue
-            if task.part == 0:
-                counts = [0, 0, 0, 0]
-                if res.error is None:
-                    dest, rdest = output_paths(Path(task.path), out_dir)
-                    sink = _Sink(dest, rdest, res.schema, source=task.path)
+            if task.part == 0 and res.error is None:
+                dest, rdest = output_paths(Path(task.path), out_dir)
+                out = OutputFile(dest, rdest, res.schema, source=task.path)
             if res.error is not None:
-                if sink is not None:
-                    sink.abort()
-                    sink = None
+                if out is not None:
+                    out.abort()
+                    out = None
                 failed_file = task.file
                 if not continue_on_error:
                     raise InputFileError(res.error)
                 summary.files.append((task.path, None, f"error: {res.error}"))
                 bar.write(f"FAILED {res.error}") if progress else None
                 continue
-            sink.write(res.table, res.rejects)
-            counts[0] += res.n_curves
-            counts[1] += res.n_curves - res.rejects.num_rows
-            counts[2] += res.rejects.num_rows
-            counts[3] += res.n_filtered
+            out.write(res.table, res.rejects, res.n_curves, res.n_filtered)
             bar.update(task.n_rows)
             if task.part == task.n_parts - 1:
-                sink.commit()
-                summary.files.append((task.path, str(sink.dest), str(sink.rdest)))
-                sink = None
-                summary.curves_in += counts[0] + counts[3]
-                summary.embedded += counts[1]
-                summary.rejected += counts[2]
-                summary.filtered += counts[3]
+                out.commit()
+                summary.record(task.path, out)
+                out = None
     except BaseException:
-        if sink is not None:
-            sink.abort()
+        if out is not None:
+            out.abort()
         raise
     finally:
         bar.close()

@@ -12,10 +12,11 @@ Frames (one row per object or per (object, band); any layout but the long one)::
 LSDB (the output is again a catalogue: same partitions, same ``_healpix_29`` index, ra/dec kept)::
 
     import lsdb
+    from astromer_fast import Columns
     from astromer_fast.distributed.dask import embed_catalog
 
     cat = lsdb.read_hats("ztf_lc/")
-    emb = embed_catalog(cat, model="astromer2-base", lightcurve_col="lc")
+    emb = embed_catalog(cat, model="astromer2-base", columns=Columns(lightcurve="lc"))
     emb.to_hats("ztf_emb/")
 
 Every output row is one curve, in input order, indexed like the input row it came from: the
@@ -52,7 +53,7 @@ from astromer_fast.data.layouts import _as_string
 from astromer_fast.distributed._core import (DistributedSummary, TaskRunner, combined_schema,
                                               drive, embed_table, plan, prepare_outputs,
                                               split_options, split_rejects, _crash_once)
-from astromer_fast.embedding.embed import BatchEmbedder, weights_sha256
+from astromer_fast.embedding.batch import BatchEmbedder, weights_sha256
 
 __all__ = ["embed_partition", "partition_meta", "embed_dataframe", "embed_catalog",
            "embed_files", "split_rejects"]
@@ -213,9 +214,7 @@ def embed_files(source, output, *, client=None, address: str | None = None, retr
         summary = DistributedSummary(engine=f"dask ({workers} worker(s))")
         summary.skipped = skipped
         if todo:
-            layout_kw = {k: emb_kw.get(k) for k in ("id_col", "band_col", "lightcurve_col",
-                                                    "time_col", "mag_col", "err_col", "layout")}
-            tasks = plan(todo, read_batch_rows, batches_per_task, workers, layout_kw)
+            tasks = plan(todo, read_batch_rows, batches_per_task, workers, emb_kw["columns"])
             [opts] = client.scatter([emb_kw], broadcast=True)  # the model once per worker
             drive(tasks, _ordered(client, tasks, opts, read_batch_rows, long_batch_rows,
                                   _crash_once_marker, retries, 2 * workers), out_dir, summary,

@@ -4,10 +4,10 @@ Ray Data (your pipeline, your batches)::
 
     import ray
     from ray.data import ActorPoolStrategy
-    from astromer_fast.distributed.ray import Embedder
+    from astromer_fast.distributed.ray import RayEmbedder
 
     ds = ray.data.read_parquet("s3://bucket/curves/")
-    emb = ds.map_batches(Embedder, fn_constructor_kwargs={"model": "astromer2-base"},
+    emb = ds.map_batches(RayEmbedder, fn_constructor_kwargs={"model": "astromer2-base"},
                          batch_format="pyarrow", batch_size=4096, num_gpus=1,
                          compute=ActorPoolStrategy(size=4))
     emb.write_parquet("s3://bucket/emb/")
@@ -43,24 +43,26 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 from astromer_fast.distributed._core import (DistributedSummary, TaskRunner, combine,
                                               combined_schema, drive, plan, prepare_outputs,
                                               split_options, split_rejects)
-from astromer_fast.embedding.embed import BatchEmbedder
+from astromer_fast.embedding.batch import BatchEmbedder
 
-__all__ = ["Embedder", "embed_files", "split_rejects"]
+__all__ = ["RayEmbedder", "embed_files", "split_rejects"]
 
 
-class Embedder:
-    """A Ray Data ``map_batches`` callable class: ``pyarrow.Table`` of light curves (one row per
-    object or per (object, band), any layout but the long one) -> one row per curve, in input
-    order: the columns of ``embed``'s output plus ``reason`` (null when embedded; for a rejected
-    curve ``embedding`` is null and ``n_obs`` the observations as read). Keywords as ``embed``
-    (``model``, ``device``, ``batch_size``, ``window_mode``, ``min_obs``, the ``*_col`` options,
-    ``bands``, ``layers``, ``per_window``). A Ray Data batch is embedded as one chunk, as ``embed``
-    embeds one record batch: give ``batch_size=read_batch_rows`` to ``map_batches``."""
+class RayEmbedder:
+    """A Ray Data ``map_batches`` callable class (each actor of the pool holds one; not
+    ``astromer_fast.Embedder``, which takes numpy arrays): ``pyarrow.Table`` of light curves
+    (one row per object or per (object, band), any layout but the long one) -> one row per
+    curve, in input order: the columns of ``embed``'s output plus ``reason`` (null when
+    embedded; for a rejected curve ``embedding`` is null and ``n_obs`` the observations as
+    read). Keywords as ``embed`` (``model``, ``device``, ``batch_size``, ``window_mode``,
+    ``min_obs``, ``columns`` or the ``*_col`` options, ``bands``, ``layers``, ``per_window``).
+    A Ray Data batch is embedded as one chunk, as ``embed`` embeds one record batch: give
+    ``batch_size=read_batch_rows`` to ``map_batches``."""
 
     def __init__(self, model=None, **options):
         emb_kw, rest = split_options({"model": model, **options})
         if rest:
-            raise TypeError(f"Embedder got unexpected options {sorted(rest)}")
+            raise TypeError(f"RayEmbedder got unexpected options {sorted(rest)}")
         self.be = BatchEmbedder(**emb_kw)
         self._layouts = {}
 
@@ -146,9 +148,7 @@ def embed_files(source, output, *, address: str | None = None, actors: int | Non
     if not todo:
         summary.seconds = time.perf_counter() - t_start
         return summary
-    layout_kw = {k: emb_kw.get(k) for k in ("id_col", "band_col", "lightcurve_col", "time_col",
-                                            "mag_col", "err_col", "layout")}
-    tasks = plan(todo, read_batch_rows, batches_per_task, actors, layout_kw)
+    tasks = plan(todo, read_batch_rows, batches_per_task, actors, emb_kw["columns"])
     worker_cls = ray.remote(_Worker).options(
         num_cpus=num_cpus_per_actor, num_gpus=num_gpus, max_restarts=max_restarts,
         max_task_retries=max_task_retries)

@@ -2,7 +2,8 @@
 Arrow in, Parquet or Arrow out), one pipeline behind both."""
 
 from astromer_fast.embedding.embed import REJECTS_SCHEMA, EmbedSummary, embed, expand_inputs
-from astromer_fast.embedding.embedder import Columns, Embedder
+from astromer_fast.embedding.columns import Columns
+from astromer_fast.embedding.embedder import Embedder
 from astromer_fast.embedding.stream import InputFileError
 
 __all__ = ["REJECTS_SCHEMA", "Columns", "EmbedSummary", "Embedder", "InputFileError", "embed",

@@ -17,37 +17,21 @@ asked to be filled so.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 
 import numpy as np
 import pyarrow as pa
 
 from astromer_fast.data import Curves
-from astromer_fast.data.layouts import detect_layout
+from astromer_fast.embedding.batch import BatchEmbedder
+from astromer_fast.embedding.columns import (COLUMN_KEYWORDS, Columns, check_columns,
+                                             columns_from)
+from astromer_fast.embedding.embed import embed
 from astromer_fast.embedding.options import positive_int
 
 ON_REJECT = ("raise", "nan", "zero")
-
-
-@dataclass(frozen=True)
-class Columns:
-    """Where the light curves are in a table (for ``to_parquet`` and tables given to
-    ``embed``). ``None``: detected (``astromer_fast.data.layouts`` knows the common names);
-    ``err=""`` / ``band=""``: use none. ``layout``: force "nested", "struct_of_lists", "lists"
-    or "long". ``lightcurve``: the list<struct> or struct column holding the observations."""
-
-    id: str | None = None
-    time: str | None = None
-    mag: str | None = None
-    err: str | None = None
-    band: str | None = None
-    lightcurve: str | None = None
-    layout: str | None = None
-
-    def as_embed_kwargs(self) -> dict:
-        """The keywords of :func:`astromer_fast.embed` these stand for."""
-        return dict(id_col=self.id, time_col=self.time, mag_col=self.mag, err_col=self.err,
-                    band_col=self.band, lightcurve_col=self.lightcurve, layout=self.layout)
+# The table many() builds from its arrays: row numbers as ids, one nested column, no band.
+ARRAYS_TABLE = Columns(id="id", band="", lightcurve="lightcurve", layout="nested")
 
 
 def _one_curve(t, m, err, where: str):
@@ -120,19 +104,13 @@ class Embedder:
                  window_mode: str = "overlap", columns: Columns | None = None,
                  min_obs: int = 5, batch_size: int = 256, layers: bool = False,
                  chunk_curves: int = 4096):
-        from astromer_fast.embedding.embed import BatchEmbedder
-
-        if columns is None:
-            columns = Columns()
-        if not isinstance(columns, Columns):
-            raise ValueError(f"columns must be an astromer_fast.Columns, got {columns!r}")
-        self.columns = columns
+        self.columns = columns_from(columns)
         self.chunk_curves = positive_int("chunk_curves", chunk_curves)
-        self._batch = BatchEmbedder(model, device=device, batch_size=batch_size,
-                                    window_mode=window_mode, min_obs=min_obs, layers=layers,
-                                    precision=precision, **columns.as_embed_kwargs())
+        self._batch = BatchEmbedder(model, columns=self.columns, device=device,
+                                    batch_size=batch_size, window_mode=window_mode,
+                                    min_obs=min_obs, layers=layers, precision=precision)
         self._embed_kw = dict(batch_size=batch_size, window_mode=window_mode, min_obs=min_obs,
-                              layers=layers, precision=precision, **columns.as_embed_kwargs())
+                              layers=layers, precision=precision)
         self.model = self._batch.net
         self.device = self._batch.device
         self.precision = self._batch.encoder.precision
@@ -179,8 +157,7 @@ class Embedder:
             # Row numbers as ids: the output rows are put back in place by them.
             table = pa.table({"id": pa.array(np.arange(len(part)).astype(str)),
                               "lightcurve": part.to_arrow()})
-            layout = detect_layout(table.schema, "arrays", id_col="id", band_col="",
-                                   lightcurve_col="lightcurve", layout="nested")
+            layout = ARRAYS_TABLE.detect(table.schema, "arrays")
             chunk = self._batch.prepare(table, layout)
             rows, rejects, (row_curve, reject_curve) = self._batch.embed_chunk(
                 chunk, schema, with_index=True)
@@ -195,11 +172,20 @@ class Embedder:
     def to_parquet(self, source, output, **options):
         """Embed Parquet files into ``output`` (a folder) with :func:`astromer_fast.embed` and
         this embedder's model and settings; ``options``: more of ``embed``'s keywords
-        (``resume``, ``progress``, ``bands``, ``per_window``...). Returns its ``EmbedSummary``."""
-        from astromer_fast.embedding.embed import embed
-
+        (``resume``, ``progress``, ``bands``, ``per_window``...; ``columns`` or an old column
+        keyword such as ``id_col`` replaces what this embedder's ``columns`` say).
+        Returns its ``EmbedSummary``."""
         if output is None:
             raise ValueError("to_parquet needs an output folder; for a table in memory call "
                              "astromer_fast.embed(source)")
+        columns = options.pop("columns", None)
+        old = {k: options.pop(k) for k in list(options) if k in COLUMN_KEYWORDS}
+        if old:
+            if columns is not None:
+                columns_from(columns, **old)  # both given: refused, naming them
+            check_columns(old)
+            columns = dataclasses.replace(self.columns, **{COLUMN_KEYWORDS[k]: v
+                                                           for k, v in old.items()})
         return embed(source, output, model=self.model, device=self.device,
+                     columns=self.columns if columns is None else columns,
                      **{**self._embed_kw, **options})

@@ -7,8 +7,6 @@ from __future__ import annotations
 import numbers
 import os
 
-from astromer_fast.data.layouts import LAYOUTS
-
 WINDOW_MODES = ("overlap", "nonoverlap")
 
 
@@ -28,16 +26,10 @@ def _flag(name: str, value) -> bool:
     return value
 
 
-def _name_or_none(name: str, value):
-    if value is not None and not isinstance(value, str):
-        raise ValueError(f"{name} must be a column name (a string), got {value!r}")
-    return value
-
-
-def check_embedder_options(*, batch_size, window_mode, min_obs, id_col, band_col,
-                           lightcurve_col, time_col, mag_col, err_col, layout, bands, layers,
-                           per_window, precision=None, standardize=False) -> list | None:
-    """Check what ``BatchEmbedder`` takes (the device apart); returns ``bands`` as a list."""
+def check_embedder_options(*, batch_size, window_mode, min_obs, bands, layers, per_window,
+                           precision=None, standardize=False) -> list | None:
+    """Check what ``BatchEmbedder`` takes (the device and columns apart); returns ``bands`` as a
+    list."""
     from astromer_fast.model.fused_cpu import resolve_precision
 
     positive_int("batch_size", batch_size)
@@ -45,14 +37,6 @@ def check_embedder_options(*, batch_size, window_mode, min_obs, id_col, band_col
     positive_int("min_obs", min_obs)
     if window_mode not in WINDOW_MODES:
         raise ValueError(f"window_mode must be one of {WINDOW_MODES}, got {window_mode!r}")
-    if layout is not None and layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS} (or None: detected), got {layout!r}")
-    columns = {"id_col": id_col, "band_col": band_col, "lightcurve_col": lightcurve_col,
-               "time_col": time_col, "mag_col": mag_col, "err_col": err_col}
-    for name, value in columns.items():
-        _name_or_none(name, value)
-        if value == "" and name not in ("err_col", "band_col"):
-            raise ValueError(f"{name} cannot be empty (only err_col and band_col take '': none)")
     _flag("layers", layers)
     _flag("per_window", per_window)
     _flag("standardize", standardize)

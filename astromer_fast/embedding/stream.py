@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from astromer_fast.data import basic_clean, make_windows
 from astromer_fast.data.fast_host import host_path, prepare_cpp
-from astromer_fast.data.layouts import Layout, decode_batch, detect_layout, iter_grouped
+from astromer_fast.data.layouts import Layout, decode_batch, iter_grouped
 from astromer_fast.embedding.device import Timers, pin
 from astromer_fast.embedding.inputs import open_parquet
 
@@ -134,17 +134,18 @@ class InputFileError(ValueError):
     """An input could not be read or does not hold light curves; the message names it."""
 
 
-def open_job(job: Job, layout_kw: dict):
-    """(layout, schema, batch iterator factory) for a job; raises InputFileError."""
+def open_job(job: Job, columns):
+    """(layout, batch iterator factory) for a job, its columns found with ``columns`` (a
+    ``Columns``); raises InputFileError."""
     try:
         if job.table is not None:
             schema = job.table.schema
-            layout = detect_layout(schema, job.name, **layout_kw)
+            layout = columns.detect(schema, job.name)
             return layout, lambda rows: iter(job.table.select(layout.columns())
                                              .to_batches(max_chunksize=rows))
         pf = open_parquet(job.path)
         schema = pf.schema_arrow
-        layout = detect_layout(schema, job.name, **layout_kw)
+        layout = columns.detect(schema, job.name)
         return layout, lambda rows: pf.iter_batches(batch_size=rows, columns=layout.columns())
     except InputFileError:
         raise
@@ -182,14 +183,40 @@ class _Done:
         return self.value
 
 
-class Producer:
-    """The worker thread: for each job, ("start", job, layout), then ("chunk", job, Chunk)...,
-    then ("end", job) or ("error", job, exception); finally ("done",). The queue is bounded, so
-    the worker runs at most ``depth`` chunks ahead of the model."""
+@dataclass
+class FileStarted:
+    job: Job
+    layout: Layout
 
-    def __init__(self, jobs, layout_kw, prep_kw, read_batch_rows, long_batch_rows=None,
+
+@dataclass
+class ChunkReady:
+    job: Job
+    chunk: Chunk
+
+
+@dataclass
+class FileDone:
+    job: Job
+
+
+@dataclass
+class FileFailed:
+    job: Job
+    error: InputFileError
+
+
+_ALL_DONE = object()
+
+
+class Producer:
+    """The worker thread. Iterating gives, for each job, ``FileStarted``, then ``ChunkReady``
+    for each chunk in input order, then ``FileDone`` or ``FileFailed``. The queue is bounded, so
+    the worker runs at most ``depth`` chunks ahead of the model. ``columns``: a ``Columns``."""
+
+    def __init__(self, jobs, columns, prep_kw, read_batch_rows, long_batch_rows=None,
                  depth: int = 2, workers: int | None = None):
-        self.jobs, self.layout_kw, self.prep_kw = jobs, layout_kw, prep_kw
+        self.jobs, self.columns, self.prep_kw = jobs, columns, prep_kw
         if workers is None:
             # On a GPU the host is the bottleneck (more host work than model time on one thread;
             # bench/RESULTS.md); on the CPU the model needs the cores.
@@ -231,15 +258,14 @@ class Producer:
             if self.stop.is_set():
                 return
             try:
-                layout, batches = open_job(job, self.layout_kw)
-                if not self._put(("start", job, layout)):
+                layout, batches = open_job(job, self.columns)
+                if not self._put(FileStarted(job, layout)):
                     return
                 groups = None if layout.kind == "long" else _row_groups(job, self.rows)
                 if groups is not None:
                     if not self._run_row_groups(job, layout, *groups):
                         return
-                    item = ("end", job)
-                    if not self._put(item):
+                    if not self._put(FileDone(job)):
                         return
                     continue
                 if layout.kind == "long":
@@ -264,19 +290,19 @@ class Producer:
                         pending.append(self.pool.submit(prepare, rb, layout,
                                                         timers=self.timers, **self.prep_kw))
                     while len(pending) >= self.workers:
-                        if not self._put(("chunk", job, pending.popleft().result())):
+                        if not self._put(ChunkReady(job, pending.popleft().result())):
                             return
                 while pending:
-                    if not self._put(("chunk", job, pending.popleft().result())):
+                    if not self._put(ChunkReady(job, pending.popleft().result())):
                         return
-                item = ("end", job)
+                item = FileDone(job)
             except Exception as e:  # noqa: BLE001 - reported against the file by the consumer
                 msg = str(e) if str(e).startswith(job.name) else f"{job.name}: {e}"
-                item = ("error", job, InputFileError(msg))
-                item[2].__cause__ = e
+                item = FileFailed(job, InputFileError(msg))
+                item.error.__cause__ = e
             if not self._put(item):
                 return
-        self._put(("done",))
+        self._put(_ALL_DONE)
 
     def _read_and_prepare(self, job, layout, metadata, group):
         """The chunks of one row group, read and prepared on a preparing thread."""
@@ -300,7 +326,7 @@ class Producer:
                                                     metadata, group))
             while pending and (len(pending) >= self.workers or group == n_groups):
                 for chunk in pending.popleft().result():
-                    if not self._put(("chunk", job, chunk)):
+                    if not self._put(ChunkReady(job, chunk)):
                         return False
         return True
 
@@ -309,7 +335,7 @@ class Producer:
             t0 = time.perf_counter()
             item = self.q.get()
             self.timers.add("wait (model idle)", time.perf_counter() - t0)
-            if item[0] == "done":
+            if item is _ALL_DONE:
                 return
             yield item
 

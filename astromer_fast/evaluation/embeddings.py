@@ -17,7 +17,7 @@ import torch
 
 def model_fingerprint(model) -> str:
     """A short, stable identity of a model's weights (the hash embed records in its outputs)."""
-    from astromer_fast.embedding.embed import weights_sha256
+    from astromer_fast.embedding.batch import weights_sha256
 
     return weights_sha256(model)[0][:16]
 

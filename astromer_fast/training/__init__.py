@@ -6,6 +6,7 @@ from astromer_fast.training.masking import MaskFractions, masked_inputs
 from astromer_fast.training.pretrain import FINETUNE_DEFAULTS, finetune, finetune_settings, pretrain
 from astromer_fast.training.trainer import (
     CheckpointError,
+    TrainProgress,
     TrainResult,
     TrainSettings,
     plot_learning_curve,
@@ -18,7 +19,7 @@ PretrainSettings = TrainSettings
 
 __all__ = [
     "CheckpointError", "CurveFilter", "FINETUNE_DEFAULTS", "MaskFractions", "PretrainSettings",
-    "TrainResult", "TrainSettings", "TrainingCurves", "error_weights", "finetune",
+    "TrainProgress", "TrainResult", "TrainSettings", "TrainingCurves", "error_weights", "finetune",
     "finetune_settings", "load_training_curves", "masked_inputs", "plot_learning_curve",
     "pretrain", "probed_metrics", "read_checkpoint", "train", "weighted_rmse",
 ]

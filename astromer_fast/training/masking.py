@@ -1,10 +1,10 @@
 """The pretraining task's masks (SPEC section 4), in torch, on the device that trains.
 
-Same rule as the numpy version in ``astromer_fast.data.preprocess`` (``probe_counts`` gives the
-exact per-window counts; both are tested against it): per window, ``int(0.5 n_valid)`` probed
-observations chosen uniformly among the valid ones; of those, ``ceil(0.2 probed)`` keep their value
-("same"), ``ceil(0.2 rest)`` get a magnitude drawn from the same window ("random"), the remainder
-are hidden and replaced by the MASK token ("masked").
+The counts are ``astromer_fast.data.probe_counts``, the one definition the numpy masks use too:
+per window, ``int(0.5 n_valid)`` probed observations chosen uniformly among the valid ones; of
+those, ``ceil(0.2 probed)`` keep their value ("same"), ``ceil(0.2 rest)`` get a magnitude drawn
+from the same window ("random"), the remainder are hidden and replaced by the MASK token
+("masked").
 
 Generating them on the GPU keeps the host out of the training loop's critical path: a batch of 4,096
 windows costs one sort on the device instead of a numpy argsort and a host-to-device copy per step.
@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from astromer_fast.data.preprocess import probe_counts
 
 
 @dataclass
@@ -32,19 +34,6 @@ class MaskFractions:
                 raise ValueError(f"mask fraction {name}={v} must be in [0, 1]")
 
 
-def probe_counts(n_valid: torch.Tensor, fr: MaskFractions):
-    """(n_probed, n_same, n_random) per window, int64, computed in float32 like the official code
-    (and ``astromer_fast.data.probe_counts``, which documents why float32 matters)."""
-    nv = n_valid.to(torch.float32)
-    n_probed = torch.trunc(nv * torch.tensor(fr.probed, dtype=torch.float32)).to(torch.int64)
-    n_same = torch.ceil(n_probed.to(torch.float32) * torch.tensor(fr.same, dtype=torch.float32))
-    n_same = torch.minimum(n_same.to(torch.int64), n_probed)
-    rest = n_probed - n_same
-    n_random = torch.ceil(rest.to(torch.float32) * torch.tensor(fr.random, dtype=torch.float32))
-    n_random = torch.minimum(n_random.to(torch.int64), rest)
-    return n_probed, n_same, n_random
-
-
 def masked_inputs(m: torch.Tensor, valid: torch.Tensor, fr: MaskFractions,
                   generator: torch.Generator):
     """One pretraining batch's inputs from centred magnitudes ``m`` (B, L) and ``valid`` (B, L).
@@ -57,7 +46,7 @@ def masked_inputs(m: torch.Tensor, valid: torch.Tensor, fr: MaskFractions,
     B, L = valid.shape
     dev = valid.device
     n_valid = valid.sum(-1)
-    n_probed, n_same, n_random = probe_counts(n_valid, fr)
+    n_probed, n_same, n_random, _ = probe_counts(n_valid, fr.probed, fr.same, fr.random)
     # Rank the cells of each row by a random key, padding last: the first n_probed ranks are a
     # uniform random subset of the valid cells.
     keys = torch.rand((B, L), generator=generator, device=dev)

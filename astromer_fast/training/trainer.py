@@ -216,137 +216,128 @@ def _lr_lambda(s: TrainSettings, total_steps: int | None):
     return f
 
 
+@dataclass(frozen=True)
+class TrainProgress:
+    """Where a run is, as ``on_step`` sees it after each step."""
+
+    step: int
+    epoch: int
+    batch_in_epoch: int
+    windows: int
+    seconds: float
+    history: list
+    best: dict | None
+
+
 def train(model, train_curves: TrainingCurves, val_curves: TrainingCurves | None, out_dir=None,
           *, settings: TrainSettings | None = None, resume: bool = False, device=None,
           log=print, metadata: dict | None = None, on_step=None) -> TrainResult:
     """Train ``model`` with the masked objective. Writes into ``out_dir`` (when given): the best
     model by validation loss (``save_pretrained``), ``checkpoint/`` (resumable), ``metrics.csv``
     and ``learning_curve.png``. ``resume=True`` continues from ``out_dir/checkpoint``.
-    ``on_step(state)``, if given, is called after every step (custom logging, or to stop a run:
-    an exception raised there propagates, like an interruption)."""
+    ``on_step(progress)``, if given, is called after every step with a :class:`TrainProgress`
+    (custom logging, or to stop a run: an exception raised there propagates, like an
+    interruption)."""
     s = settings or TrainSettings()
     rank, world, dev = setup_distributed(device)
-    main = rank == 0
-    log = log if (main and log) else (lambda *a, **k: None)
+    is_main = rank == 0
+    log = log if (is_main and log) else (lambda *a, **k: None)
     out_dir = Path(out_dir) if out_dir is not None else None
-    if out_dir is not None and main:
+    if out_dir is not None and is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     if len(train_curves) == 0:
         raise ValueError("no training curves left after cleaning and filtering")
 
+    # Model, optimizer, schedule.
     torch.manual_seed(s.seed)
     model = model.to(dev).train()
     use_bf16 = uses_bf16(s, dev)
     fused = uses_cpu_fused(model, s, dev)
     fr = s.fractions()
-    n_train = len(train_curves)
-    steps_per_epoch = math.ceil(n_train / s.batch_size)
-    budget = s.max_steps or (s.max_epochs * steps_per_epoch if s.max_epochs else None)
-    if s.max_minutes and not budget:
-        budget = None  # a wall-clock budget: cosine over an unknown length degrades to constant
-    kw = dict(lr=s.lr, betas=(s.beta1, s.beta2), eps=s.eps, weight_decay=s.weight_decay)
-    if dev.type == "cuda":
-        kw["fused"] = True
-    opt = (torch.optim.AdamW if s.optimizer == "adamw" else torch.optim.Adam)(
-        model.parameters(), **kw)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(s, budget))
+    opt = _make_optimizer(model, s, dev)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(s, _step_budget(s, train_curves)))
     ddp_model = model
-    d = _dist()
-    if d is not None and world > 1:
+    if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         ddp_model = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda"
                                             else None)
+    val_w = _validation_windows(val_curves, s)
 
-    val_w = None
-    if val_curves is not None and len(val_curves):
-        val_w = epoch_windows(val_curves.curves, s.seed + 777)
-        if len(val_w.n_valid) > s.val_max_windows:
-            keep = np.random.default_rng(s.seed).choice(len(val_w.n_valid), s.val_max_windows,
-                                                        replace=False)
-            val_w = _take_windows(val_w, np.sort(keep))
-
-    state = dict(step=0, epoch=0, batch_in_epoch=0, windows=0, seconds=0.0, best=None,
-                 bad_validations=0, history=[], bad_steps=0, run_loss=0.0, run_n=0)
+    # The loop's position: what a checkpoint records and a resumed run starts from.
+    step = epoch = batch_in_epoch = windows = 0
+    seconds = 0.0
+    best = None  # the validation row of the best model so far
+    bad_validations = 0  # validations in a row without improvement
+    bad_steps = 0  # non-finite steps in a row
+    history = []  # one row per validation
+    run_loss_sum, run_n = 0.0, 0  # training loss since the last validation
     ckpt_dir = out_dir / CHECKPOINT_DIR if out_dir is not None else None
     if resume:
         if ckpt_dir is None or not ckpt_dir.exists():
             raise CheckpointError(f"--resume: no checkpoint in {ckpt_dir}")
         doc = restore_checkpoint(ckpt_dir, model, opt, sched, dev)
-        for k in state:
-            if k in doc:
-                state[k] = doc[k]
-        log(f"resumed from {ckpt_dir} at step {state['step']} (epoch {state['epoch']}, "
-            f"batch {state['batch_in_epoch']})")
+        step, epoch = doc.get("step", 0), doc.get("epoch", 0)
+        batch_in_epoch, windows = doc.get("batch_in_epoch", 0), doc.get("windows", 0)
+        seconds, best = doc.get("seconds", 0.0), doc.get("best")
+        bad_validations, bad_steps = doc.get("bad_validations", 0), doc.get("bad_steps", 0)
+        history = doc.get("history", [])
+        run_loss_sum, run_n = doc.get("run_loss", 0.0), doc.get("run_n", 0)
+        log(f"resumed from {ckpt_dir} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
 
     pin = dev.type == "cuda"
-    pool = ThreadPoolExecutor(max_workers=1)
-    t_start = time.perf_counter() - state["seconds"]
+    t_start = time.perf_counter() - seconds
     deadline = None if not s.max_minutes else time.perf_counter() + 60 * s.max_minutes
-    # Mean training loss since the last validation, kept on the device (no sync per step).
-    run_loss = torch.full((), float(state["run_loss"]), device=dev)
-    run_n = int(state["run_n"])
+    # Kept on the device: no sync per step.
+    run_loss = torch.full((), float(run_loss_sum), device=dev)
+    run_n = int(run_n)
+    rate_since = (time.perf_counter(), windows)  # for windows/s between validations
     stopped = ""
-    last_rate_t, last_rate_w = time.perf_counter(), state["windows"]
 
-    def epoch_seed(e):
-        return s.seed * 100_003 + e
-
-    def make_epoch(e):
-        w = epoch_windows(train_curves.curves, epoch_seed(e))
-        return w, length_batches(w.n_valid, s.batch_size, epoch_seed(e) + 1, s.length_group)
-
-    def checkpoint():
-        if ckpt_dir is None or not main:
+    def save_checkpoint_now():
+        if ckpt_dir is None or not is_main:
             return
-        state["seconds"] = time.perf_counter() - t_start
-        state["run_loss"], state["run_n"] = float(run_loss), run_n
-        save_checkpoint(ckpt_dir, model=model, opt=opt, sched=sched, trainer_state=state,
-                        settings=s)
+        save_checkpoint(ckpt_dir, model=model, opt=opt, sched=sched, settings=s, trainer_state=dict(
+            step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, windows=windows,
+            seconds=time.perf_counter() - t_start, best=best, bad_validations=bad_validations,
+            history=history, bad_steps=bad_steps, run_loss=float(run_loss), run_n=run_n))
 
-    def validate(train_loss):
-        nonlocal last_rate_t, last_rate_w
+    def validate_now(train_loss):
+        """Validate, log and keep the row; save the model when it is the best so far."""
+        nonlocal best, bad_validations, rate_since
         now = time.perf_counter()
-        rate = (state["windows"] - last_rate_w) / max(now - last_rate_t, 1e-9)
-        row = dict(step=state["step"], epoch=state["epoch"], windows=state["windows"],
-                   seconds=round(now - t_start, 2), lr=sched.get_last_lr()[0],
-                   train_loss=train_loss, windows_per_s=round(rate, 1))
+        rate = (windows - rate_since[1]) / max(now - rate_since[0], 1e-9)
+        row = dict(step=step, epoch=epoch, windows=windows, seconds=round(now - t_start, 2),
+                   lr=sched.get_last_lr()[0], train_loss=train_loss,
+                   windows_per_s=round(rate, 1))
         if val_w is not None:  # every rank, so that every rank takes the same stop decision
             met = evaluate(model, val_w, s, dev, use_bf16, fused=fused)
             row.update(val_loss=met["loss"], val_rmse=met["rmse"], val_r2=met["r2"])
-        state["history"].append(row)
+        history.append(row)
         log(json.dumps(row))
-        improved = False
-        if "val_loss" in row:
-            if state["best"] is None or row["val_loss"] < state["best"]["val_loss"]:
-                state["best"] = dict(row)
-                state["bad_validations"] = 0
-                improved = True
-            else:
-                state["bad_validations"] += 1
-        if out_dir is not None and main:
+        improved = val_w is not None and (best is None or row["val_loss"] < best["val_loss"])
+        if improved:
+            best, bad_validations = dict(row), 0
+        elif val_w is not None:
+            bad_validations += 1
+        if out_dir is not None and is_main:
             if improved or val_w is None:
-                model.save_pretrained(out_dir, metadata={
-                    "training": asdict(s), **(metadata or {}), "step": row["step"],
-                    "val_loss": row.get("val_loss"), "val_rmse": row.get("val_rmse"),
-                    "val_r2": row.get("val_r2"), "device": str(dev),
-                    "windows_seen": row["windows"]})
-            write_metrics_csv(state["history"], out_dir / "metrics.csv")
-        last_rate_t, last_rate_w = time.perf_counter(), state["windows"]
-        return row
+                _save_model(model, out_dir, row, s, metadata, dev)
+            write_metrics_csv(history, out_dir / "metrics.csv")
+        rate_since = (time.perf_counter(), windows)
 
-    future = pool.submit(make_epoch, state["epoch"])
+    pool = ThreadPoolExecutor(max_workers=1)  # the next epoch's windows, while this one trains
+    next_epoch = pool.submit(_epoch_batches, train_curves, s, epoch)
     try:
         while not stopped:
-            w, batches = future.result()
-            if s.max_epochs is None or state["epoch"] + 1 < s.max_epochs:
-                future = pool.submit(make_epoch, state["epoch"] + 1)
-            for bi in range(state["batch_in_epoch"], len(batches)):
+            w, batches = next_epoch.result()
+            if s.max_epochs is None or epoch + 1 < s.max_epochs:
+                next_epoch = pool.submit(_epoch_batches, train_curves, s, epoch + 1)
+            for bi in range(batch_in_epoch, len(batches)):
                 idx = batches[bi]
                 # Every rank draws the same global batch and masks, then keeps its rows: the run
                 # is the same computation on 1 or N processes.
-                g = step_generator(s.seed, state["step"], dev)
-                b = masked_batch(w, idx, fr, g, dev, pin)
+                b = masked_batch(w, idx, fr, step_generator(s.seed, step, dev), dev, pin)
                 if world > 1:
                     b = {k: (v[rank::world] if v is not None else None) for k, v in b.items()}
                 _, loss = _forward_loss(ddp_model, b, s, use_bf16, fused)
@@ -357,70 +348,119 @@ def train(model, train_curves: TrainingCurves, val_curves: TrainingCurves | None
                 opt.zero_grad(set_to_none=True)
                 loss_for_grad.backward()
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.clip_norm)
-                if not torch.isfinite(norm) or not torch.isfinite(loss_value):
-                    # NaN/inf gradients: refuse the update rather than poison the weights.
-                    state["bad_steps"] += 1
-                    log(f"step {state['step']}: non-finite loss or gradient; update refused "
-                        f"({state['bad_steps']} in a row)")
-                    if state["bad_steps"] >= s.max_bad_steps:
-                        raise FloatingPointError(
-                            f"{state['bad_steps']} consecutive non-finite steps at step "
-                            f"{state['step']}: check the data (NaN/inf/zero errors) and the lr")
-                    opt.zero_grad(set_to_none=True)
-                    with warnings.catch_warnings():  # the schedule follows steps, taken or not
-                        warnings.simplefilter("ignore", UserWarning)
-                        sched.step()
-                else:
-                    state["bad_steps"] = 0
+                if torch.isfinite(norm) and torch.isfinite(loss_value):
+                    bad_steps = 0
                     opt.step()
                     run_loss += loss_value.detach()
                     run_n += 1
                     sched.step()
-                state["step"] += 1
-                state["batch_in_epoch"] = bi + 1
-                state["windows"] += len(idx)
+                else:  # NaN/inf gradients: refuse the update rather than poison the weights
+                    bad_steps += 1
+                    log(f"step {step}: non-finite loss or gradient; update refused "
+                        f"({bad_steps} in a row)")
+                    if bad_steps >= s.max_bad_steps:
+                        raise FloatingPointError(
+                            f"{bad_steps} consecutive non-finite steps at step {step}: check "
+                            f"the data (NaN/inf/zero errors) and the lr")
+                    opt.zero_grad(set_to_none=True)
+                    with warnings.catch_warnings():  # the schedule follows steps, taken or not
+                        warnings.simplefilter("ignore", UserWarning)
+                        sched.step()
+                step += 1
+                batch_in_epoch = bi + 1
+                windows += len(idx)
+
                 out_of_time = deadline is not None and time.perf_counter() > deadline
                 if deadline is not None and world > 1:  # ranks' clocks differ: rank 0 decides
-                    flag = torch.tensor([float(out_of_time)], device=dev)
-                    d.broadcast(flag, 0)
-                    out_of_time = bool(flag.item())
-                out_of_steps = s.max_steps is not None and state["step"] >= s.max_steps
-                if state["step"] % s.val_every == 0 or out_of_time or out_of_steps:
+                    out_of_time = _broadcast_flag(out_of_time, dev)
+                out_of_steps = s.max_steps is not None and step >= s.max_steps
+                if step % s.val_every == 0 or out_of_time or out_of_steps:
                     train_loss = float(run_loss / max(run_n, 1))
                     run_loss.zero_()
                     run_n = 0
-                    validate(train_loss)
-                    if s.patience is not None and state["bad_validations"] >= s.patience:
+                    validate_now(train_loss)
+                    if s.patience is not None and bad_validations >= s.patience:
                         stopped = f"early stop: no improvement in {s.patience} validations"
                 if out_of_time and not stopped:
                     stopped = f"time budget of {s.max_minutes} min reached"
                 if out_of_steps and not stopped:
                     stopped = f"step budget of {s.max_steps} reached"
-                if stopped or state["step"] % s.checkpoint_every == 0:
-                    checkpoint()
+                if stopped or step % s.checkpoint_every == 0:
+                    save_checkpoint_now()
                 if on_step is not None:
-                    on_step(state)
+                    on_step(TrainProgress(step, epoch, batch_in_epoch, windows,
+                                          time.perf_counter() - t_start, history, best))
                 if stopped:
                     break
-            else:
-                state["epoch"] += 1
-                state["batch_in_epoch"] = 0
-                if s.max_epochs is not None and state["epoch"] >= s.max_epochs:
-                    if not state["history"] or state["history"][-1]["step"] != state["step"]:
-                        validate(float(run_loss / max(run_n, 1)))
+            else:  # the epoch is over
+                epoch += 1
+                batch_in_epoch = 0
+                if s.max_epochs is not None and epoch >= s.max_epochs:
+                    if not history or history[-1]["step"] != step:
+                        validate_now(float(run_loss / max(run_n, 1)))
                     stopped = f"epoch budget of {s.max_epochs} reached"
-                    checkpoint()
+                    save_checkpoint_now()
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
-    log(f"stopped: {stopped} at step {state['step']} after "
-        f"{time.perf_counter() - t_start:.1f} s")
-    if out_dir is not None and main and state["history"]:
+    log(f"stopped: {stopped} at step {step} after {time.perf_counter() - t_start:.1f} s")
+    if out_dir is not None and is_main and history:
         try:
-            plot_learning_curve(state["history"], out_dir / "learning_curve.png")
+            plot_learning_curve(history, out_dir / "learning_curve.png")
         except ImportError:
             log("matplotlib not installed: learning_curve.png not written (pip install "
                 "'astromer-fast[plot]')")
-    return TrainResult(model, state["history"], state["best"], stopped, out_dir)
+    return TrainResult(model, history, best, stopped, out_dir)
+
+
+# ------------------------------------------------------------------------------------------------
+# What the loop calls
+# ------------------------------------------------------------------------------------------------
+def _step_budget(s: TrainSettings, train_curves: TrainingCurves) -> int | None:
+    """Steps the cosine schedule spans: max_steps, or max_epochs worth of batches; None (a
+    constant rate after warm-up) when only a wall-clock budget bounds the run."""
+    steps_per_epoch = math.ceil(len(train_curves) / s.batch_size)
+    return s.max_steps or (s.max_epochs * steps_per_epoch if s.max_epochs else None)
+
+
+def _make_optimizer(model, s: TrainSettings, dev):
+    kw = dict(lr=s.lr, betas=(s.beta1, s.beta2), eps=s.eps, weight_decay=s.weight_decay)
+    if dev.type == "cuda":
+        kw["fused"] = True
+    return (torch.optim.AdamW if s.optimizer == "adamw" else torch.optim.Adam)(
+        model.parameters(), **kw)
+
+
+def _validation_windows(val_curves: TrainingCurves | None, s: TrainSettings):
+    """Fixed held-out windows (at most val_max_windows), or None without validation curves."""
+    if val_curves is None or not len(val_curves):
+        return None
+    w = epoch_windows(val_curves.curves, s.seed + 777)
+    if len(w.n_valid) > s.val_max_windows:
+        keep = np.random.default_rng(s.seed).choice(len(w.n_valid), s.val_max_windows,
+                                                    replace=False)
+        w = _take_windows(w, np.sort(keep))
+    return w
+
+
+def _epoch_batches(train_curves: TrainingCurves, s: TrainSettings, epoch: int):
+    """(windows, batches) of an epoch: a function of (seed, epoch) only, so resume is exact."""
+    seed = s.seed * 100_003 + epoch
+    w = epoch_windows(train_curves.curves, seed)
+    return w, length_batches(w.n_valid, s.batch_size, seed + 1, s.length_group)
+
+
+def _broadcast_flag(flag: bool, dev) -> bool:
+    """Rank 0's value of ``flag`` on every rank."""
+    t = torch.tensor([float(flag)], device=dev)
+    _dist().broadcast(t, 0)
+    return bool(t.item())
+
+
+def _save_model(model, out_dir: Path, row: dict, s: TrainSettings, metadata: dict | None, dev):
+    model.save_pretrained(out_dir, metadata={
+        "training": asdict(s), **(metadata or {}), "step": row["step"],
+        "val_loss": row.get("val_loss"), "val_rmse": row.get("val_rmse"),
+        "val_r2": row.get("val_r2"), "device": str(dev), "windows_seen": row["windows"]})
 
 
 def _global_loss(local_loss, probed, world, dev):
