@@ -62,7 +62,7 @@ from astromer_fast.embedding.outputs import (CAN_RECORD_COUNTS, COUNTS_KEY, INPU
                                              SETTINGS_KEY, OutputFolderLock, commit,
                                              input_identity, plan_outputs, remove_leftover_temps,
                                              temp_path, why_not_reusable)
-from astromer_fast.embedding.standardize import load_stats
+from astromer_fast.embedding.standardize import load_stats, standardize_method
 from astromer_fast.embedding.outputs import output_paths  # noqa: F401 - the engines import it here
 from astromer_fast.embedding.stream import LONG_BATCH_ROWS, InputFileError, Job, Producer, \
     open_job, prepare
@@ -364,7 +364,7 @@ class BatchEmbedder:
                  lightcurve_col=None, time_col=None, mag_col=None, err_col=None, layout=None,
                  bands=None, layers: bool = False, per_window: bool = False,
                  timers: Timers | None = None, precision: str | None = None,
-                 standardize: bool = False):
+                 standardize: bool | str = False):
         from astromer_fast.weights import load_model
 
         self.bands = check_embedder_options(
@@ -376,7 +376,8 @@ class BatchEmbedder:
         self.net = load_model(model, device=self.device)
         self.net.eval()
         # Loaded before any work: a model without statistics fails here, naming why.
-        self.stats = load_stats(self.net) if standardize else None
+        method = standardize_method(standardize)
+        self.stats = load_stats(self.net, method) if method else None
         self.per_window = per_window
         self.d = self.net.config.d_model
         self.n_layers = self.net.config.n_blocks + 1 if layers else None
@@ -427,7 +428,7 @@ def embed(source, output=None, *, model=None, batch_size: int = 256, device=None
           read_batch_rows: int = 4096, long_batch_rows: int | None = None,
           resume: bool = False, continue_on_error: bool = False, progress: bool = True,
           return_rejects: bool = False, prefetch: int = 2, precision: str | None = None,
-          standardize: bool = False):
+          standardize: bool | str = False):
     """Embed light curves: one vector (``model.config.d_model`` = 256 floats) per (object, band).
 
     ``source``: a Parquet path, glob, directory or list of them, or a ``pyarrow.Table``.
@@ -460,9 +461,10 @@ def embed(source, output=None, *, model=None, batch_size: int = 256, device=None
     ``precision``: "fp32", "bf16" or None/"auto" (``$ASTROMER_FAST_PRECISION``, else on the CPU
     bf16 where it has native bfloat16 arithmetic, else fp32; on CUDA bf16 autocast). The mode used
     is recorded in the output's metadata; ``bench/RESULTS.md`` gives each mode's accuracy.
-    ``standardize=True``: every channel of ``embedding`` (and ``layers``) centred and scaled by
-    the mean and spread stored with the model, measured on its pretraining curves
-    (``astromer_fast.embedding.standardize``); use these for cosine similarity and
+    ``standardize=True`` (= "whiten"): ``embedding`` (and every layer of ``layers``) centred and
+    ZCA-whitened by the mean and covariance stored with the model, measured on its pretraining
+    curves; ``standardize="channels"``: every channel centred and scaled by its spread only
+    (``astromer_fast.embedding.standardize``). Use whitened vectors for cosine similarity and
     nearest-neighbour search. A model without stored statistics is an error before any work.
     Every option is checked before any work; a bad one raises ``ValueError`` naming it.
     """

@@ -38,6 +38,7 @@ def check_embedder_options(*, batch_size, window_mode, min_obs, id_col, band_col
                            lightcurve_col, time_col, mag_col, err_col, layout, bands, layers,
                            per_window, precision=None, standardize=False) -> list | None:
     """Check what ``BatchEmbedder`` takes (the device apart); returns ``bands`` as a list."""
+    from astromer_fast.embedding.standardize import standardize_method
     from astromer_fast.model.fused_cpu import resolve_precision
 
     positive_int("batch_size", batch_size)
@@ -55,7 +56,7 @@ def check_embedder_options(*, batch_size, window_mode, min_obs, id_col, band_col
             raise ValueError(f"{name} cannot be empty (only err_col and band_col take '': none)")
     _flag("layers", layers)
     _flag("per_window", per_window)
-    _flag("standardize", standardize)
+    standardize_method(standardize)  # raises, naming the choices
     if bands is None:
         return None
     bands = [bands] if isinstance(bands, str) else bands
