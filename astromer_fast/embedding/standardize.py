@@ -10,12 +10,16 @@ user's data: the same curve always gets the same vector.
 
 Two methods (``METHODS``):
 
-- ``"whiten"`` (the default): ZCA whitening, ``y = W (x - mean)`` with
-  ``W = V diag(1 / sqrt(lambda)) V^T`` from the eigendecomposition of the covariance. Of all
-  whitening matrices ZCA keeps ``y`` closest to ``x - mean``, so channels keep their meaning. The
-  covariance is the Ledoit-Wolf estimate (shrunk towards a multiple of the identity by the amount
-  that minimises its expected error): directions of near-zero variance, such as the one a
-  LayerNorm pins, get the floor of the shrinkage instead of being blown up from rounding noise.
+- ``"whiten"`` (the default): ``y = W (x - mean)`` with ``W = V diag(g) V^T``, ``V`` and
+  ``lambda`` the eigenvectors and eigenvalues of the covariance. ``g = 1 / sqrt(lambda)`` would be
+  ZCA whitening, which of all whitening matrices keeps ``y`` closest to ``x - mean`` (channels
+  keep their meaning). But most of this model's directions are tiny (in the last layer only 36 of
+  256 eigenvalues exceed the variance that bf16 rounding adds), and ZCA would blow that rounding
+  up to the size of the real directions. So each direction gets the Wiener gain
+  ``g = sqrt(lambda) / (lambda + nu)``, ``nu`` the variance rounding adds along it (measured:
+  the bf16 minus fp32 embeddings of the same curves): the least-squares estimate of the whitened
+  noise-free vector. Where ``lambda >> nu`` it is ZCA; where rounding dominates the direction
+  fades out instead of being amplified; the gain never exceeds ``1 / (2 sqrt(nu))``.
 - ``"channels"``: every channel centred and divided by its spread.
 
 The statistics live in ``<model folder>/embedding_stats.safetensors`` (format ``STATS_FORMAT``,
@@ -107,55 +111,70 @@ class EmbeddingStats:
         return emb, layers
 
 
-def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, float]:
-    """(covariance, shrinkage) of the rows of ``x`` (N, D): the Ledoit-Wolf (2004) estimate,
-    ``(1 - s) S + s mu I`` with ``S`` the sample covariance (divided by N), ``mu`` its mean
-    eigenvalue and ``s`` in [0, 1] the shrinkage that minimises the expected squared error."""
+def rounding_floor(x: np.ndarray) -> float:
+    """Variance that float32 arithmetic adds along any direction of the rows of ``x`` (N, D),
+    taken as that of one length-D dot product: D roundings of ``2^-24`` relative size adding up
+    as a random walk. The ``nu`` of directions where no noise was measured."""
     x = np.asarray(x, np.float64)
-    n, d = x.shape
-    x = x - x.mean(axis=0)
-    s = x.T @ x / n
-    mu = np.trace(s) / d
-    # delta: how far S is from the target; beta: how noisy S is (sum of the variances of its
-    # entries, from the spread of the per-row outer products x_k x_k^T around S).
-    delta = ((s - mu * np.eye(d)) ** 2).sum() / d
-    x2 = x ** 2
-    beta = ((x2.T @ x2).sum() / n - (s ** 2).sum()) / (d * n)
-    shrinkage = 0.0 if delta <= 0 else float(min(beta, delta) / delta)
-    return (1 - shrinkage) * s + shrinkage * mu * np.eye(d), shrinkage
+    return float(np.mean(x ** 2) * x.shape[1] * 2.0 ** -48)
 
 
-def zca_matrix(cov: np.ndarray) -> np.ndarray:
-    """``V diag(1 / sqrt(lambda)) V^T`` of a symmetric positive definite ``cov``."""
+def whitening_matrix(cov: np.ndarray, noise_cov: np.ndarray | None = None,
+                     floor: float = 0.0) -> tuple[np.ndarray, dict]:
+    """(``W``, what it did) for covariance ``cov`` (D, D) of vectors carrying noise of covariance
+    ``noise_cov`` (None: no noise beyond ``floor``): ``V diag(sqrt(lambda) / (lambda + nu)) V^T``
+    with ``nu`` the noise variance along each eigenvector, at least ``floor``. With no noise it is
+    ZCA, ``V diag(1 / sqrt(lambda)) V^T``."""
     lam, v = np.linalg.eigh(np.asarray(cov, np.float64))
-    if lam[0] <= 0:
-        raise ValueError(f"covariance is not positive definite (smallest eigenvalue {lam[0]:.3g})"
-                         f"; shrink it first")
-    return (v / np.sqrt(lam)) @ v.T
+    lam = np.maximum(lam, 0.0)
+    nu = (np.zeros(len(lam)) if noise_cov is None
+          else np.einsum("di,de,ei->i", v, np.asarray(noise_cov, np.float64), v))
+    nu = np.maximum(nu, floor)
+    if not (lam + nu > 0).all():
+        raise ValueError("a direction has neither variance nor noise (give a positive floor)")
+    gain = np.sqrt(lam) / (lam + nu)
+    return (v * gain) @ v.T, {"directions_above_noise": int(np.sum(lam > nu)),
+                              "noise_to_top_eigenvalue": float(np.mean(nu) / lam[-1])}
 
 
-def stats_from_layers(layers: np.ndarray, metadata: dict | None = None) -> EmbeddingStats:
-    """Statistics of per-curve layer means ``layers`` (N, n_blocks + 1, D): mean, per-channel
-    spread and a ZCA matrix of the Ledoit-Wolf covariance, per layer."""
+def stats_from_layers(layers: np.ndarray, metadata: dict | None = None,
+                      noise: np.ndarray | None = None) -> EmbeddingStats:
+    """Statistics of per-curve layer means ``layers`` (N, n_blocks + 1, D), per layer: mean,
+    per-channel spread and the whitening matrix of ``whitening_matrix``. ``noise`` (same shape):
+    the rounding error of the same curves embedded at reduced precision (bf16 minus fp32), whose
+    covariance sets ``nu``; without it, ``nu`` is float32 rounding alone."""
     layers = np.asarray(layers, dtype=np.float64)
     if layers.ndim != 3 or len(layers) < 2:
         raise ValueError(f"need (N >= 2, n_layers, D) layer means, got shape {layers.shape}")
     if not np.isfinite(layers).all():
         raise ValueError("layer means hold non-finite values; clean the curves first")
+    if noise is not None:
+        noise = np.asarray(noise, dtype=np.float64)
+        if noise.shape != layers.shape or not np.isfinite(noise).all():
+            raise ValueError(f"noise must be finite and shaped like the layers {layers.shape}, "
+                             f"got {noise.shape}")
     mean = layers.mean(axis=0)
     scale = layers.std(axis=0)
     floor = _MIN_RELATIVE_SCALE * max(float(scale.max()), 1e-30)
     scale = np.maximum(scale, floor)
-    whiten, shrinkage = [], []
+    whiten, done = [], []
     for i in range(layers.shape[1]):
-        x = layers[:, i]
-        if not x.std(axis=0).any():
+        x = layers[:, i] - mean[i]
+        if not x.any():
             raise ValueError(f"layer {i} is the same for every curve: nothing to whiten")
-        cov, s = ledoit_wolf(x)
-        whiten.append(zca_matrix(cov))
-        shrinkage.append(round(s, 6))
-    meta = dict(metadata or {}, n=len(layers), format=STATS_FORMAT,
-                whitening={"method": "ZCA", "covariance": "Ledoit-Wolf", "shrinkage": shrinkage})
+        noise_cov = None
+        if noise is not None:
+            e = noise[:, i] - noise[:, i].mean(axis=0)
+            noise_cov = e.T @ e / len(e)
+        w, info = whitening_matrix(x.T @ x / len(x), noise_cov, rounding_floor(layers[:, i]))
+        whiten.append(w)
+        done.append(info)
+    meta = dict(metadata or {}, n=len(layers), format=STATS_FORMAT, whitening={
+        "method": "ZCA with a Wiener gain sqrt(lambda) / (lambda + nu) per eigenvector",
+        "nu": "variance of the given reduced-precision rounding error along it"
+        if noise is not None else "float32 rounding alone",
+        "directions_above_noise": [d["directions_above_noise"] for d in done],
+        "noise_to_top_eigenvalue": [float(f"{d['noise_to_top_eigenvalue']:.3g}") for d in done]})
     return EmbeddingStats(mean.astype(np.float32), scale.astype(np.float32), meta,
                           np.stack(whiten).astype(np.float32))
 
