@@ -11,7 +11,9 @@ Prints JSON: median and percentiles of the pairwise cosine (all pairs of a rando
 when there are more) and the share of variance on the first principal axis, for each; then the
 kNN check: every curve of the ``test`` split labelled by a majority vote of its ``k`` most
 cosine-similar ``train`` curves of the same band (ties: the most similar neighbour's label),
-accuracy and macro F1 per band and overall.
+accuracy and macro F1 per band; with scikit-learn installed, also a linear probe (logistic
+regression on standardised inputs, train split -> test split), to see whether whitening lost
+information a classifier could use.
 """
 
 import argparse
@@ -60,6 +62,19 @@ def knn_predict(train, train_y, test, k):
     return np.asarray(out)
 
 
+def linear_probe(train, train_y, test):
+    """Labels of ``test`` by a logistic regression on standardised inputs; None without
+    scikit-learn."""
+    try:
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+    except ImportError:
+        return None
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000))
+    return clf.fit(train, train_y).predict(test)
+
+
 def macro_f1(y, p):
     f1 = []
     for c in np.unique(y):
@@ -93,6 +108,9 @@ def knn_check(data, ids, bands, vectors: dict, k: int):
             p = knn_predict(x[tr], lab[tr], x[te], k)
             res[name] = {"accuracy": round(float(np.mean(p == lab[te])), 4),
                          "macro_f1": round(macro_f1(lab[te], p), 4)}
+            probe = linear_probe(x[tr], lab[tr], x[te])
+            if probe is not None:
+                res[name]["linear_probe_macro_f1"] = round(macro_f1(lab[te], probe), 4)
         out[band] = res
     return out
 
