@@ -31,10 +31,14 @@ from astromer_fast.weights import load_model
 
 
 def raw_embeddings(data, model, precision, cache):
-    """(ids, bands, embeddings) of every curve of ``data``; read from / written to ``cache``."""
+    """(ids, bands, embeddings, CPU seconds) of every curve of ``data``; read from ``cache`` when
+    it holds the same file embedded by the same weights in the same precision, else written."""
+    key = json.dumps({"data": str(Path(data).resolve()), "precision": precision,
+                      "weights_sha256": model.pretrained_info.get("sha256")})
     if cache and Path(cache).is_file():
         z = np.load(cache, allow_pickle=False)
-        return z["id"], z["band"], z["embedding"], 0.0
+        if "key" in z and str(z["key"]) == key:
+            return z["id"], z["band"], z["embedding"], 0.0
     t0 = time.process_time()
     res = astromer_fast.embed(data, model=model, precision=precision, progress=False)
     emb = np.asarray(res["embedding"].combine_chunks().flatten().to_numpy(
@@ -42,7 +46,7 @@ def raw_embeddings(data, model, precision, cache):
     ids = np.asarray(res["id"].to_pylist(), dtype=str)
     bands = np.asarray(res["band"].to_pylist(), dtype=str)
     if cache:
-        np.savez(cache, id=ids, band=bands, embedding=emb)
+        np.savez(cache, id=ids, band=bands, embedding=emb, key=key)
     return ids, bands, emb, time.process_time() - t0
 
 
