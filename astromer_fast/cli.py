@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     std = e.add_mutually_exclusive_group()
     std.add_argument("--standardize", dest="standardize", action="store_const", const="whiten",
                      default=False,
-                     help="centre and whiten (ZCA) the vectors with the mean and covariance "
+                     help="centre and whiten the vectors with the mean and whitening matrix "
                      "stored with the model (from its pretraining curves): the vectors to use "
                      "for cosine similarity and nearest-neighbour search")
     std.add_argument("--standardize-channels", dest="standardize", action="store_const",

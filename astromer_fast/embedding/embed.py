@@ -462,8 +462,9 @@ def embed(source, output=None, *, model=None, batch_size: int = 256, device=None
     bf16 where it has native bfloat16 arithmetic, else fp32; on CUDA bf16 autocast). The mode used
     is recorded in the output's metadata; ``bench/RESULTS.md`` gives each mode's accuracy.
     ``standardize=True`` (= "whiten"): ``embedding`` (and every layer of ``layers``) centred and
-    ZCA-whitened by the mean and covariance stored with the model, measured on its pretraining
-    curves; ``standardize="channels"``: every channel centred and scaled by its spread only
+    whitened (ZCA, directions below bf16 rounding noise faded out) by the mean and whitening
+    matrix stored with the model, measured on its pretraining curves;
+    ``standardize="channels"``: every channel centred and scaled by its spread only
     (``astromer_fast.embedding.standardize``). Use whitened vectors for cosine similarity and
     nearest-neighbour search. A model without stored statistics is an error before any work.
     Every option is checked before any work; a bad one raises ``ValueError`` naming it.
