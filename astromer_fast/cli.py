@@ -173,10 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--layers", action="store_true",
                    help="also write the (n_blocks+1, D) per-layer means (gamma-weighted input)")
     e.add_argument("--per-window", action="store_true", help="one row per window")
-    e.add_argument("--standardize", action="store_true",
-                   help="centre and scale every channel by the statistics stored with the model "
-                   "(from its pretraining curves): the vectors to use for cosine similarity and "
-                   "nearest-neighbour search")
+    std = e.add_mutually_exclusive_group()
+    std.add_argument("--standardize", dest="standardize", action="store_const", const="whiten",
+                     default=False,
+                     help="centre and whiten the vectors with the mean and whitening matrix "
+                     "stored with the model (from its pretraining curves): the vectors to use "
+                     "for cosine similarity and nearest-neighbour search")
+    std.add_argument("--standardize-channels", dest="standardize", action="store_const",
+                     const="channels",
+                     help="only centre and scale every channel by its spread (same statistics)")
     e.add_argument("--resume", action="store_true",
                    help="skip inputs whose outputs exist, are complete and were made from the "
                    "same input with the same options and weights; redo the others, saying why")

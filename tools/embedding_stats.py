@@ -1,6 +1,6 @@
-"""Per-channel mean and spread of a model's embeddings on its own pretraining curves, stored with
-the model so that ``embed(..., standardize=True)`` / ``astromer-fast embed --standardize`` can
-centre and scale every channel (``astromer_fast.embedding.standardize``).
+"""Mean, per-channel spread and whitening matrix of a model's embeddings on its own pretraining
+curves, per layer, stored with the model so that ``embed(..., standardize=True)`` /
+``astromer-fast embed --standardize`` can whiten them (``astromer_fast.embedding.standardize``).
 
     python tools/embedding_stats.py astromer_fast/weights/models/astromer2-base \\
         --data ../shared/data --curves 4000
@@ -8,8 +8,11 @@ centre and scale every channel (``astromer_fast.embedding.standardize``).
 The sample: ``--curves`` rows drawn uniformly at random from every Parquet file of the data kit
 the packaged model was pretrained on (``DATA/*.parquet`` and ``DATA/pretrain/*.parquet``), the
 EROS-1 ``test`` split left out (it is the held-out evaluation set). Curves go through ``embed``
-itself (its cleaning, overlapping windows, fp32), so the statistics describe what users get.
-Writes ``MODEL/embedding_stats.safetensors`` and prints what it wrote.
+itself (its cleaning, overlapping windows), so the statistics describe what users get: in fp32
+for the statistics, and again in bf16, whose difference from fp32 is the rounding noise that the
+whitening must not amplify.
+Writes ``MODEL/embedding_stats.safetensors`` and prints what it wrote. ``--cache FILE.npz`` keeps
+the sample's layer means, and reuses them when the file exists (same model, curves and seed).
 """
 
 from __future__ import annotations
@@ -56,25 +59,53 @@ def sample_pretraining_rows(data: Path, n: int, seed: int, files=None) -> tuple[
             {"rows_available": everything.num_rows, "per_file": per_file})
 
 
-def write_stats(folder, data, curves: int, seed: int = 0, files=None) -> dict:
+def _layer_means(table, model, precision):
+    res = astromer_fast.embed(table, model=model, layers=True, precision=precision,
+                              progress=False)
+    flat = res["layers"].combine_chunks().flatten().flatten().to_numpy(zero_copy_only=False)
+    return res["id"].to_pylist(), np.asarray(flat).reshape(
+        res.num_rows, model.config.n_blocks + 1, model.config.d_model)
+
+
+def sample_layers(model, data, curves: int, seed: int = 0, files=None, cache=None):
+    """(fp32 layer means (N, n_blocks + 1, D) of the sample, bf16 ones of the same curves, what
+    was drawn); from ``cache`` when it holds the same model's sample of the same size and seed."""
+    sha = model.pretrained_info.get("sha256")
+    key = json.dumps({"weights_sha256": sha, "curves": curves, "seed": seed})
+    if cache and Path(cache).is_file():
+        z = np.load(cache, allow_pickle=False)
+        if str(z["key"]) == key:
+            return z["layers"], z["layers_bf16"], json.loads(str(z["drawn"]))
+    table, drawn = sample_pretraining_rows(Path(data), curves, seed, files)
+    ids, layers = _layer_means(table, model, "fp32")
+    ids_bf16, layers_bf16 = _layer_means(table, model, "bf16")
+    if ids_bf16 != ids:
+        raise RuntimeError("fp32 and bf16 embedded different curves of the sample (a curve "
+                           "rejected in one precision only); report this")
+    if cache:
+        np.savez(cache, layers=layers, layers_bf16=layers_bf16, key=key,
+                 drawn=json.dumps(drawn))
+    return layers, layers_bf16, drawn
+
+
+def write_stats(folder, data, curves: int, seed: int = 0, files=None, cache=None) -> dict:
     """Embed a sample of the pretraining curves with the model in ``folder`` and store the
     statistics there; returns what was done."""
     folder = Path(folder)
     model = load_model(str(folder))
-    table, drawn = sample_pretraining_rows(Path(data), curves, seed, files)
     t0 = time.process_time()
-    res = astromer_fast.embed(table, model=model, layers=True, precision="fp32", progress=False)
-    layers = np.asarray(res["layers"].combine_chunks().flatten().flatten().to_numpy(
-        zero_copy_only=False)).reshape(res.num_rows, model.config.n_blocks + 1,
-                                       model.config.d_model)
+    layers, layers_bf16, drawn = sample_layers(model, data, curves, seed, files, cache)
     meta = {"computed_from": "uniform random sample of the pretraining data kit's curves "
-            "(EROS-1 test split excluded), embedded by astromer_fast.embed in fp32 "
-            "(overlapping windows, official cleaning)",
-            "curves": int(res.num_rows), "drawn": drawn, "seed": seed,
+            "(EROS-1 test split excluded), embedded by astromer_fast.embed in fp32, and in bf16 "
+            "for the rounding noise (overlapping windows, official cleaning)",
+            "curves": len(layers), "drawn": drawn, "seed": seed,
             "weights_sha256": model.pretrained_info.get("sha256"),
             "astromer_fast": astromer_fast.__version__}
-    path = save_stats(stats_from_layers(layers, meta), folder)
-    return {"wrote": str(path), "curves": int(res.num_rows),
+    stats = stats_from_layers(layers, meta,
+                              noise=layers_bf16.astype(np.float64) - layers)
+    path = save_stats(stats, folder)
+    return {"wrote": str(path), "curves": len(layers), "format": stats.metadata["format"],
+            "whitening": stats.metadata["whitening"],
             "cpu_s": round(time.process_time() - t0, 1), **drawn}
 
 
@@ -85,9 +116,10 @@ def main():
     p.add_argument("--curves", type=int, default=4000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cache", default=None, help=".npz to keep the sample's layer means in")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    print(json.dumps(write_stats(a.model, a.data, a.curves, a.seed), indent=1))
+    print(json.dumps(write_stats(a.model, a.data, a.curves, a.seed, cache=a.cache), indent=1))
 
 
 if __name__ == "__main__":

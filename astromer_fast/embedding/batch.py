@@ -20,7 +20,7 @@ from astromer_fast.data.preprocess import MAG_LIMIT, TIME_LIMIT
 from astromer_fast.embedding.columns import Columns
 from astromer_fast.embedding.device import Timers, WindowEncoder
 from astromer_fast.embedding.options import check_embedder_options, resolve_device
-from astromer_fast.embedding.standardize import load_stats
+from astromer_fast.embedding.standardize import load_stats, standardize_method
 from astromer_fast.embedding.stream import prepare
 
 REJECTS_SCHEMA = pa.schema([("id", pa.string()), ("band", pa.string()), ("n_obs", pa.int32()),
@@ -153,7 +153,7 @@ class BatchEmbedder:
                  batch_size: int = 256, window_mode: str = "overlap", min_obs: int = 5,
                  bands=None, layers: bool = False, per_window: bool = False,
                  timers: Timers | None = None, precision: str | None = None,
-                 standardize: bool = False):
+                 standardize: bool | str = False):
         from astromer_fast.weights import load_model
 
         if columns is None:
@@ -168,7 +168,8 @@ class BatchEmbedder:
         self.net = load_model(model, device=self.device)
         self.net.eval()
         # Loaded before any work: a model without statistics fails here, naming why.
-        self.stats = load_stats(self.net) if standardize else None
+        method = standardize_method(standardize)
+        self.stats = load_stats(self.net, method) if method else None
         self.per_window = per_window
         self.d = self.net.config.d_model
         self.n_layers = self.net.config.n_blocks + 1 if layers else None

@@ -146,7 +146,7 @@ def embed(source, output=None, *, model=None, columns: Columns | None = None,
           read_batch_rows: int = 4096, long_batch_rows: int | None = None,
           resume: bool = False, continue_on_error: bool = False, progress: bool = True,
           return_rejects: bool = False, prefetch: int = 2, precision: str | None = None,
-          standardize: bool = False, **column_keywords):
+          standardize: bool | str = False, **column_keywords):
     """Embed light curves: one vector (``model.config.d_model`` = 256 floats) per (object, band).
 
     ``source``: a Parquet path, glob, directory or list of them, or a ``pyarrow.Table``.
@@ -181,9 +181,11 @@ def embed(source, output=None, *, model=None, columns: Columns | None = None,
     ``precision``: "fp32", "bf16" or None/"auto" (``$ASTROMER_FAST_PRECISION``, else on the CPU
     bf16 where it has native bfloat16 arithmetic, else fp32; on CUDA bf16 autocast). The mode used
     is recorded in the output's metadata; ``bench/RESULTS.md`` gives each mode's accuracy.
-    ``standardize=True``: every channel of ``embedding`` (and ``layers``) centred and scaled by
-    the mean and spread stored with the model, measured on its pretraining curves
-    (``astromer_fast.embedding.standardize``); use these for cosine similarity and
+    ``standardize=True`` (= "whiten"): ``embedding`` (and every layer of ``layers``) centred and
+    whitened (ZCA, directions below bf16 rounding noise faded out) by the mean and whitening
+    matrix stored with the model, measured on its pretraining curves;
+    ``standardize="channels"``: every channel centred and scaled by its spread only
+    (``astromer_fast.embedding.standardize``). Use whitened vectors for cosine similarity and
     nearest-neighbour search. A model without stored statistics is an error before any work.
     Every option is checked before any work; a bad one raises ``ValueError`` naming it.
     """

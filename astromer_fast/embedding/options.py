@@ -30,6 +30,7 @@ def check_embedder_options(*, batch_size, window_mode, min_obs, bands, layers, p
                            precision=None, standardize=False) -> list | None:
     """Check what ``BatchEmbedder`` takes (the device and columns apart); returns ``bands`` as a
     list."""
+    from astromer_fast.embedding.standardize import standardize_method
     from astromer_fast.model.fused_cpu import resolve_precision
 
     positive_int("batch_size", batch_size)
@@ -39,7 +40,7 @@ def check_embedder_options(*, batch_size, window_mode, min_obs, bands, layers, p
         raise ValueError(f"window_mode must be one of {WINDOW_MODES}, got {window_mode!r}")
     _flag("layers", layers)
     _flag("per_window", per_window)
-    _flag("standardize", standardize)
+    standardize_method(standardize)  # raises, naming the choices
     if bands is None:
         return None
     bands = [bands] if isinstance(bands, str) else bands
