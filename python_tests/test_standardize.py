@@ -41,7 +41,8 @@ def model_with_stats(tiny_model_dir, tmp_path):
     d = tmp_path / "model"
     shutil.copytree(tiny_model_dir, d)
     model = from_pretrained(d)
-    raw = astromer_fast.embed(str(SAMPLE), model=model, layers=True, progress=False)
+    raw = astromer_fast.embed(str(SAMPLE), model=model, layers=True, precision="fp32",
+                              progress=False)
     layers = _vectors(raw, "layers").reshape(raw.num_rows, 2, 32)
     save_stats(stats_from_layers(layers, {"computed_from": "test sample", "curves": len(layers),
                                           "weights_sha256": model.pretrained_info["sha256"]}), d)
@@ -52,7 +53,7 @@ def test_standardize_channels_centres_and_scales_every_channel(model_with_stats)
     d, raw = model_with_stats
     stats = load_stats(from_pretrained(d), "channels")
     out = astromer_fast.embed(str(SAMPLE), model=str(d), layers=True, standardize="channels",
-                              progress=False)
+                              precision="fp32", progress=False)
     assert out["id"].to_pylist() == raw["id"].to_pylist()
     emb, raw_emb = _vectors(out, "embedding"), _vectors(raw, "embedding")
     np.testing.assert_allclose(emb, (raw_emb - stats.layers_mean[-1]) / stats.layers_scale[-1],
@@ -93,6 +94,22 @@ def test_standardize_whitens_every_layer_by_default(model_with_stats):
     assert meta["method"] == "whiten" and meta["stats_format"] == STATS_FORMAT
     same = astromer_fast.embed(str(SAMPLE), model=str(d), standardize="whiten", progress=False)
     np.testing.assert_array_equal(_vectors(same, "embedding"), _vectors(out, "embedding"))
+
+
+def test_whitened_outputs_are_float32_unless_a_precision_is_asked_for(model_with_stats,
+                                                                     monkeypatch):
+    d, raw = model_with_stats
+    monkeypatch.delenv("ASTROMER_FAST_PRECISION", raising=False)
+
+    def precision(**kw):
+        out = astromer_fast.embed(str(SAMPLE), model=str(d), progress=False, **kw)
+        return json.loads(out.schema.metadata[b"astromer_fast"])["precision"]
+
+    assert precision(standardize=True) == "fp32"
+    assert precision(standardize=True, precision="auto") == "fp32"
+    assert precision(standardize=True, precision="bf16") == "bf16"
+    monkeypatch.setenv("ASTROMER_FAST_PRECISION", "bf16")
+    assert precision(standardize=True) == "bf16"
 
 
 def test_without_noise_the_whitening_is_zca():

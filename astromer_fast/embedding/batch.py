@@ -22,6 +22,7 @@ from astromer_fast.embedding.device import Timers, WindowEncoder
 from astromer_fast.embedding.options import check_embedder_options, resolve_device
 from astromer_fast.embedding.standardize import load_stats, standardize_method
 from astromer_fast.embedding.stream import prepare
+from astromer_fast.model.fused_cpu import precision_asked
 
 REJECTS_SCHEMA = pa.schema([("id", pa.string()), ("band", pa.string()), ("n_obs", pa.int32()),
                             ("reason", pa.string())])
@@ -170,6 +171,12 @@ class BatchEmbedder:
         # Loaded before any work: a model without statistics fails here, naming why.
         method = standardize_method(standardize)
         self.stats = load_stats(self.net, method) if method else None
+        if method == "whiten" and not precision_asked(precision):
+            # Whitening scales up the weak directions, where bf16 rounding is large against the
+            # signal: one curve's whitened fp32 and bf16 vectors differ far more than its raw ones
+            # (bench/RESULTS.md). Unless a precision is asked for, whitened outputs are float32,
+            # so that they agree across machines whatever their native precision.
+            precision = "fp32"
         self.per_window = per_window
         self.d = self.net.config.d_model
         self.n_layers = self.net.config.n_blocks + 1 if layers else None

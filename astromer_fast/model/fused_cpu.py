@@ -52,6 +52,14 @@ def native_bf16() -> bool:
     return "avx512_bf16" in feats or "amx_bf16" in feats
 
 
+def precision_asked(precision: str | None = None) -> bool:
+    """Whether a precision was chosen (by argument or ``$ASTROMER_FAST_PRECISION``) rather than
+    left to the machine's default."""
+    if precision is None:
+        precision = os.environ.get(PRECISION_ENV, "").strip() or None
+    return precision not in (None, "auto")
+
+
 def resolve_precision(precision: str | None = None) -> str:
     """``precision`` (else ``$ASTROMER_FAST_PRECISION``), or the default for this CPU: the fastest
     mode whose accuracy passes, i.e. ``bf16`` with native bfloat16 arithmetic, else ``fp32``."""
