@@ -162,6 +162,18 @@ def test_host_path_switch(monkeypatch):
         prepare(curves_table(bad_curves()), None, window=200, window_mode="overlap", min_obs=5)
 
 
+def test_host_path_without_the_compiled_module(monkeypatch):
+    from astromer_fast.kernels import _ext
+
+    monkeypatch.setattr(_ext, "cpu_ext", lambda: None)
+    monkeypatch.setattr(_ext, "cpu_ext_error", lambda: ImportError("no _C here"))
+    monkeypatch.delenv("ASTROMER_FAST_HOST", raising=False)
+    assert host_path() == "python"  # the reference: same outputs
+    monkeypatch.setenv("ASTROMER_FAST_HOST", "cpp")
+    with pytest.raises(RuntimeError, match="no _C here"):
+        host_path()
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     torch.manual_seed(0)

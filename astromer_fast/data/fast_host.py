@@ -34,11 +34,20 @@ _MODES = {"overlap": 0, "nonoverlap": 1}
 
 
 def host_path() -> str:
-    """The host path asked for by ``$ASTROMER_FAST_HOST``: "cpp" (default) or "python"."""
-    value = os.environ.get(HOST_ENV, "").strip().lower() or "cpp"
-    if value not in HOST_PATHS:
+    """The host path asked for by ``$ASTROMER_FAST_HOST``: "cpp" or "python". Unset, "cpp" where
+    the compiled module imports, else "python" (a source tree without its build, as a worker
+    process started in a checkout sees it): both give the same outputs, bit for bit."""
+    from astromer_fast.kernels import _ext
+
+    value = os.environ.get(HOST_ENV, "").strip().lower()
+    if value and value not in HOST_PATHS:
         raise ValueError(f"{HOST_ENV} must be one of {HOST_PATHS}, got {value!r}")
-    return value
+    if value == "python" or (not value and _ext.cpu_ext() is None):
+        return "python"
+    if _ext.cpu_ext() is None:
+        raise RuntimeError(f"{HOST_ENV}=cpp, but astromer_fast._C cannot be imported "
+                           f"({_ext.cpu_ext_error()})")
+    return "cpp"
 
 
 class _Column:
