@@ -154,9 +154,13 @@ def _empty_buffer(shape, dtype, pinned):
 def prepare_cpp(batch, layout: Layout, *, window: int, window_mode: str, min_obs: int,
                 cuda: bool = False, bands=None, timers=None):
     """``stream.prepare`` in C++: the same ``Chunk``, bit for bit."""
-    from astromer_fast import _C
     from astromer_fast.embedding.device import Timers
     from astromer_fast.embedding.stream import Chunk, reject_reason
+    from astromer_fast.kernels._ext import require_cpu_ext
+
+    # Through _ext, as the kernels do: it finds the installed build even where a source checkout
+    # shadows it (worker processes started in one, as Ray's are).
+    _C = require_cpu_ext()
 
     tm = timers if timers is not None else Timers()
     t0 = time.perf_counter()
