@@ -52,6 +52,15 @@ def native_bf16() -> bool:
     return "avx512_bf16" in feats or "amx_bf16" in feats
 
 
+def check_window_inputs(t: torch.Tensor, m: torch.Tensor, valid: torch.Tensor) -> None:
+    """What every fused encoder takes: ``t``, ``m`` and a bool ``valid``, all (B, L)."""
+    if t.dim() != 2 or t.shape != m.shape or t.shape != valid.shape:
+        raise ValueError(f"t, m, valid must all be (B, L); got {tuple(t.shape)}, "
+                         f"{tuple(m.shape)}, {tuple(valid.shape)}")
+    if valid.dtype != torch.bool:
+        raise TypeError(f"valid must be a bool tensor, got {valid.dtype}")
+
+
 def precision_asked(precision: str | None = None) -> bool:
     """Whether a precision was chosen (by argument or ``$ASTROMER_FAST_PRECISION``) rather than
     left to the machine's default."""
@@ -157,11 +166,7 @@ class FusedCpuEncoder:
     @torch.no_grad()
     def __call__(self, t: torch.Tensor, m: torch.Tensor, valid: torch.Tensor,
                  layers: bool = False) -> torch.Tensor:
-        if t.dim() != 2 or t.shape != m.shape or t.shape != valid.shape:
-            raise ValueError(f"t, m, valid must all be (B, L); got {tuple(t.shape)}, "
-                             f"{tuple(m.shape)}, {tuple(valid.shape)}")
-        if valid.dtype != torch.bool:
-            raise TypeError(f"valid must be a bool tensor, got {valid.dtype}")
+        check_window_inputs(t, m, valid)
         if t.device.type != "cpu":
             raise ValueError(f"the fused CPU encoder takes CPU tensors, got {t.device}")
         cfg, ext, bf16 = self.config, self.ext, self.dtype == torch.bfloat16

@@ -235,12 +235,9 @@ class FusedGpuEncoder:
     def __call__(self, t: torch.Tensor, m: torch.Tensor, valid: torch.Tensor,
                  layers: bool = False) -> torch.Tensor:
         from astromer_fast.kernels.input_embedding import input_embedding
+        from astromer_fast.model.fused_cpu import check_window_inputs
 
-        if t.dim() != 2 or t.shape != m.shape or t.shape != valid.shape:
-            raise ValueError(f"t, m, valid must all be (B, L); got {tuple(t.shape)}, "
-                             f"{tuple(m.shape)}, {tuple(valid.shape)}")
-        if valid.dtype != torch.bool:
-            raise TypeError(f"valid must be a bool tensor, got {valid.dtype}")
+        check_window_inputs(t, m, valid)
         if t.device != self.device:
             raise ValueError(f"the encoder's weights are on {self.device}, the inputs on "
                              f"{t.device}")
