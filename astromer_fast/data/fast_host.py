@@ -42,12 +42,14 @@ def host_path() -> str:
     value = os.environ.get(HOST_ENV, "").strip().lower()
     if value and value not in HOST_PATHS:
         raise ValueError(f"{HOST_ENV} must be one of {HOST_PATHS}, got {value!r}")
-    if value == "python" or (not value and _ext.cpu_ext() is None):
+    if value == "python":
         return "python"
-    if _ext.cpu_ext() is None:
-        raise RuntimeError(f"{HOST_ENV}=cpp, but astromer_fast._C cannot be imported "
-                           f"({_ext.cpu_ext_error()})")
-    return "cpp"
+    if _ext.cpu_ext() is not None:
+        return "cpp"
+    if not value:
+        return "python"
+    raise RuntimeError(f"{HOST_ENV}=cpp, but astromer_fast._C cannot be imported "
+                       f"({_ext.cpu_ext_error()})")
 
 
 class _Column:

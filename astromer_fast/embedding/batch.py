@@ -54,7 +54,6 @@ def _layers_array(a: np.ndarray, d: int, n_layers: int):
     return pa.FixedSizeListArray.from_arrays(inner, n_layers)
 
 
-
 def weights_sha256(model) -> tuple[str, str]:
     """(sha256 hex, what was hashed) identifying a model's weights: its safetensors file when it
     was loaded from one, else its state dict (float32, keys sorted)."""

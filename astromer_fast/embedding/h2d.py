@@ -83,4 +83,5 @@ def _double_buffered(host, names, batches, device, rows):
         # once they are freed: it must first wait for a copy still in flight (an early close).
         compute.wait_stream(side)
 
+
 __all__ = ["DOUBLE_BUFFER_ENV", "double_buffering", "iter_batches"]
