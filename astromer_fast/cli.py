@@ -78,7 +78,7 @@ def _calibrate(args):
     def log(row):
         took = f"{row['seconds'] * 1e3:9.2f} ms" if row["seconds"] is not None else "        -"
         cos = f"{row['min_cosine']:.5f}" if "min_cosine" in row else "-"
-        print(f"  {row['candidate']:16s} width {row['width']:4d}  {took}  min cosine {cos}"
+        print(f"  {row['candidate']:18s} width {row['width']:4d}  {took}  min cosine {cos}"
               + (f"  {row['error'][:120]}" if "error" in row else ""), flush=True)
 
     widths = tuple(int(w) for w in args.widths.split(","))

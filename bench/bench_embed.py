@@ -111,18 +111,20 @@ def model_only_variants(model, device, compile_ref: bool, precision: str,
     ours = WindowEncoder(model, device, precision=precision)
     out = {f"model only, astromer_fast {precision}": ours.pooled}
     if device.type == "cuda" and precision == "bf16":
-        for path, att in (("plain", ""), ("fused", "sdpa"), ("fused", "triton"),
-                          ("fused", "cuda_tc")):
-            env = {"ASTROMER_FAST_GPU_PATH": path, **({"ASTROMER_FAST_GPU_ATTENTION": att}
-                                                       if att else {})}
+        for path, att, gemm in (("plain", "", ""), ("fused", "sdpa", ""), ("fused", "triton", ""),
+                                ("fused", "cuda_tc", ""), ("fused", "sdpa", "triton"),
+                                ("fused", "triton", "triton")):
+            env = {"ASTROMER_FAST_GPU_PATH": path,
+                   **({"ASTROMER_FAST_GPU_ATTENTION": att} if att else {}),
+                   **({"ASTROMER_FAST_GPU_GEMM": gemm} if gemm else {})}
             try:
                 with environ(env):
                     enc = WindowEncoder(model, device, precision=precision)
             except Exception as e:  # noqa: BLE001 - reported, the other rows still run
                 print(f"GPU path {path} {att}: {type(e).__name__}: {e}")
                 continue
-            out[f"model only, astromer_fast {path} GPU path" + (f", {att}" if att else "")] = \
-                enc.pooled
+            out[f"model only, astromer_fast {path} GPU path" + (f", {att}" if att else "")
+                + (f", {gemm} GEMMs" if gemm else "")] = enc.pooled
 
     mode = compile_mode if compile_mode not in (None, "default") else None
 

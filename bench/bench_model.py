@@ -131,6 +131,10 @@ def variants(device, compile_ref):  # compile_ref: False, True or a torch.compil
                 (f" ({stages} stage{'s' if stages > 1 else ''})" if stages else "")
             out += [(name, fused_gpu_variant(att, stages, graphs=False)),
                     (name + ", CUDA graphs", fused_gpu_variant(att, stages, graphs=True))]
+            if stages != 2:
+                # The element-wise passes in the Triton GEMMs' epilogues instead of cuBLAS.
+                out.append((name + ", Triton GEMMs, CUDA graphs",
+                            fused_gpu_variant(att, stages, graphs=True, gemm="triton")))
         # Candidates for the attention default, the other ops on their defaults: Triton's tl.dot
         # kernels and the CUDA tensor-core (WMMA) kernels, both bf16 on tensor cores.
         out += [("astromer_fast defaults, bf16", ours_plain_variant("bf16")),
@@ -242,11 +246,12 @@ def fused_variant(precision):
     return build
 
 
-def fused_gpu_variant(attention, stages, graphs):
+def fused_gpu_variant(attention, stages, graphs, gemm=None):
     def build(model, device):
         from astromer_fast.model.fused_gpu import FusedGpuEncoder
 
-        enc = FusedGpuEncoder(copy.deepcopy(model).eval(), attention=attention, stages=stages)
+        enc = FusedGpuEncoder(copy.deepcopy(model).eval(), attention=attention, stages=stages,
+                              gemm=gemm)
         if not graphs:
             return enc, None
         # The bench's batches are fixed device tensors: one graph per batch, captured on first

@@ -78,7 +78,7 @@ if [ "$(cat "$W/build.rc")" = 0 ] && [ "${FUSED:-1}" != 0 ]; then
   pack
   # Timings from here on: the probe must not share the GPU with them.
   wait $PROBE 2>/dev/null
-  (cd /tmp && timeout "$(cap "${CAL_S:-90}")" astromer-fast calibrate --batch 1024) \
+  (cd /tmp && timeout "$(cap "${CAL_S:-120}")" astromer-fast calibrate --batch 1024) \
       > "$W/calibrate.txt" 2>&1
   el "calibrate rc=$?"; tail -22 "$W/calibrate.txt"
   cp "$W"/cache/calibration-*.json "$W/" 2>/dev/null; pack

@@ -40,10 +40,15 @@ def test_select_takes_the_fastest_total_of_those_that_passed_everywhere():
 
 
 def test_parse_candidate():
-    assert cal.parse_candidate("plain") == {"path": "plain", "attention": None, "stages": None}
+    assert cal.parse_candidate("plain") == {"path": "plain", "attention": None, "stages": None,
+                                            "gemm": None}
     assert cal.parse_candidate("fused:triton:2") == {"path": "fused", "attention": "triton",
-                                                     "stages": 2}
+                                                     "stages": 2, "gemm": "cublas"}
+    assert cal.parse_candidate("fused-tg:triton:1") == {"path": "fused", "attention": "triton",
+                                                        "stages": 1, "gemm": "triton"}
     assert cal.parse_candidate("fused:sdpa")["stages"] is None
+    assert all(cal.parse_candidate(c) for c in cal.CANDIDATES)
+    assert "fused-tg:sdpa" in cal.CANDIDATES and "fused:cuda_tc" in cal.CANDIDATES
     with pytest.raises(ValueError, match="unknown calibration candidate"):
         cal.parse_candidate("fast")
 
@@ -64,7 +69,7 @@ def test_cache_round_trip_key_mismatch_and_corrupt_file(cache):
 def test_measure_and_calibrate_pick_the_fastest_correct_candidate(cache, monkeypatch):
     torch.manual_seed(0)
     model = Astromer(AstromerConfig(n_blocks=1, d_model=32, n_heads=2, dff=64)).eval()
-    fake = {"plain": 3.0, "fused:sdpa": 1.0, "fused:cuda_tc": 0.1}
+    fake = {"plain": 3.0, "fused:sdpa": 1.0, "fused:cuda_tc": 0.1, "fused-tg:sdpa": 0.05}
     calls = []
 
     def timer(fn, device, reps):
@@ -82,14 +87,18 @@ def test_measure_and_calibrate_pick_the_fastest_correct_candidate(cache, monkeyp
     logged = []
     result = cal.calibrate("cpu", model, candidates=tuple(fake), widths=(9, 20), batch=8,
                            reps=1, timer=timer, log=logged.append)
-    assert len(logged) == 6
+    assert len(logged) == 8
     rows = result["rows"]
-    assert len(rows) == 6
+    assert len(rows) == 8
     tc = [r for r in rows if r["candidate"] == "fused:cuda_tc"]
     assert all(not r["passed"] and "tensor-core" in r["error"] for r in tc)
-    assert all(r["passed"] for r in rows if r["candidate"] != "fused:cuda_tc"), rows
+    # Compiled Triton GEMMs cannot run on CPU tensors: left out, however fast they would be.
+    tg = [r for r in rows if r["candidate"] == "fused-tg:sdpa"]
+    assert all(not r["passed"] and "Triton" in r["error"] for r in tg), tg
+    assert all(r["passed"] for r in rows if r["candidate"] in ("plain", "fused:sdpa")), rows
     assert result["candidate"] == "fused:sdpa"
-    assert result["choice"] == {"path": "fused", "attention": "sdpa", "stages": None}
+    assert result["choice"] == {"path": "fused", "attention": "sdpa", "stages": None,
+                                "gemm": "cublas"}
     assert cal.load(KEY)["candidate"] == "fused:sdpa"
 
 

@@ -1,7 +1,8 @@
 """The fused GPU encoder (model/fused_gpu.py) and its Triton kernels (_triton_fused_block.py).
 
 On the CPU: the encoder's structure with PyTorch passes (float64: exact to rounding, 1e-12;
-float32: 5e-6), and the Triton kernels under the interpreter in float32 against float64 (5e-6;
+float32: 5e-6), and the Triton kernels (attention, epilogue passes, GEMMs with fused epilogues)
+under the interpreter in float32 against float64 (5e-6;
 the interpreter does not emulate bfloat16 dots, so bf16 is checked on a GPU only). On a GPU: bf16
 against the float32 plain model, per attention, through ``embed``'s CUDA graphs.
 
@@ -15,8 +16,8 @@ import pytest
 import torch
 
 from astromer_fast import Astromer, AstromerConfig
-from astromer_fast.model.fused_gpu import (ATTENTIONS, FusedGpuEncoder, attention_unavailable,
-                                           fused_gpu_unsupported)
+from astromer_fast.model.fused_gpu import (ATTENTIONS, GEMMS, FusedGpuEncoder,
+                                           attention_unavailable, fused_gpu_unsupported)
 
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU on this machine")
@@ -141,6 +142,72 @@ def test_triton_passes_under_interpreter_match_float64(run_triton_interpreted):
     assert max(errs.values()) < 5e-6, errs
 
 
+_INTERPRETED_GEMMS = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    import torch.nn.functional as F
+    sys.path.insert(0, sys.argv[1])
+    from test_fused_gpu import make_model, make_windows
+    from astromer_fast.kernels import _triton_fused_gemm as tg
+    from astromer_fast.model.fused_gpu import FusedGpuEncoder
+    g = torch.Generator().manual_seed(0)
+    errs = {}
+    # Relative to the size of the float64 result: sums of K products of order-1 numbers.
+    # Odd M and K (not multiples of the tile), D not a power of two, slices as operands.
+    for M, K, N, n_tanh in ((1, 32, 96, 64), (37, 40, 80, 64), (70, 64, 96, 0)):
+        wide = torch.randn(M, K + 8, generator=g)
+        a = wide[:, 8:]
+        w, b = torch.randn(K, N, generator=g), torch.randn(64, generator=g)
+        got = tg.gemm_bias_tanh(a, w, b, n_tanh)
+        want = a.double() @ w.double()
+        want[:, :n_tanh] = torch.tanh(want[:, :n_tanh] + b[:n_tanh].double())
+        errs[f"bias_tanh {M}x{K}x{N}"] = ((got.double() - want).abs().max()
+                                          / want.abs().max().clamp_min(1)).item()
+    for M, K, D, res in ((1, 32, 32, True), (37, 40, 32, False), (70, 48, 40, True)):
+        a, w = torch.randn(M, K, generator=g), torch.randn(K, D, generator=g)
+        b, rb = torch.randn(D, generator=g), torch.randn(D, generator=g)
+        r = torch.randn(M, 2 * D, generator=g)[:, D:]
+        gamma, beta = torch.rand(D, generator=g) + 0.5, torch.randn(D, generator=g)
+        out = torch.full((M, D), float("nan"))
+        tg.gemm_residual_layernorm(a, w, b, r if res else None, rb if res else None, gamma,
+                                   beta, 1e-6, out)
+        z = a.double() @ w.double() + b.double()
+        if res:
+            z = z + r.double() + rb.double()
+        want = F.layer_norm(z, (D,), gamma.double(), beta.double(), 1e-6)
+        errs[f"residual_layernorm {M}x{K}x{D} res={res}"] = (out.double() - want).abs().max().item()
+    for preset in ("astromer2", "astromer1"):
+        model = make_model(preset)
+        t, m, valid = make_windows()
+        want = model.embed_windows(t, m, valid, layers=True, backend="torch")
+        for attention in ("torch", "triton"):
+            enc = FusedGpuEncoder(make_model(preset, torch.float32), attention=attention,
+                                  elementwise="triton", gemm="triton")
+            got = enc(t.float(), m.float(), valid, layers=True)
+            assert torch.equal(enc(t.float(), m.float(), valid), got[:, -1])
+            assert got[3].abs().max() == 0
+            errs[f"encoder {preset} {attention}"] = (got.double() - want).abs().max().item()
+    print(json.dumps(errs))
+    """
+)
+
+
+def test_triton_gemms_with_epilogues_under_interpreter_match_float64(run_triton_interpreted):
+    errs = run_triton_interpreted(_INTERPRETED_GEMMS)
+    assert len(errs) == 10, errs
+    assert max(errs.values()) < 5e-6, errs
+
+
+def test_gemm_choice_is_checked():
+    model = make_model("astromer2", torch.float32)
+    with pytest.raises(ValueError, match="gemm must be one of"):
+        FusedGpuEncoder(model, attention="torch", gemm="cutlass")
+    with pytest.raises(ValueError, match="float64"):
+        FusedGpuEncoder(make_model("astromer2"), attention="torch", gemm="triton",
+                        dtype=torch.float64)
+
+
 # ------------------------------------------------------------------------------------------------
 # GPU
 # ------------------------------------------------------------------------------------------------
@@ -148,9 +215,10 @@ def test_triton_passes_under_interpreter_match_float64(run_triton_interpreted):
 # order 1 averaged over up to 200 rows; bf16 rounding of every GEMM input leaves ~1e-2 on a
 # single channel and a cosine above 0.999 per window.
 @needs_cuda
+@pytest.mark.parametrize("gemm", GEMMS)
 @pytest.mark.parametrize("attention", [a for a in ATTENTIONS if a != "torch"])
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_gpu_bf16_matches_float32_plain_model(attention, preset):
+def test_gpu_bf16_matches_float32_plain_model(attention, preset, gemm):
     cfg = AstromerConfig.preset(preset, n_heads=4) if preset == "astromer2" else \
         AstromerConfig.preset(preset)
     torch.manual_seed(0)
@@ -162,7 +230,7 @@ def test_gpu_bf16_matches_float32_plain_model(attention, preset):
     for L in (1, 37, 200):
         t, m, valid = make_windows(B=6, L=L, dtype=torch.float32, device="cuda", seed=L)
         want = model.embed_windows(t, m, valid, layers=True, backend="sdpa")
-        got = FusedGpuEncoder(model, attention=attention)(t, m, valid, layers=True)
+        got = FusedGpuEncoder(model, attention=attention, gemm=gemm)(t, m, valid, layers=True)
         cos = torch.nn.functional.cosine_similarity(got[valid.any(1)], want[valid.any(1)], dim=-1)
         assert cos.min().item() > 0.999, (L, cos.min().item())
         assert (got - want).abs().max().item() < 0.1

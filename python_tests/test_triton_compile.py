@@ -86,6 +86,7 @@ for rows in (1, 7 * 200):
     ie._RUNNERS["triton"](t, m, hidden, w, b, token, 1000.0, torch.empty(rows, 256))
     ie._RUNNERS["triton"](t, m, None, w, b, None, 1000.0, torch.empty(rows, 256))
 import astromer_fast.kernels._triton_fused_block as tfb
+import astromer_fast.kernels._triton_fused_gemm as tg
 D, DFF = H * HD, 512
 for dtype in (torch.float32, torch.bfloat16):
     for L in (1, 7, 200):
@@ -104,6 +105,13 @@ for dtype in (torch.float32, torch.bfloat16):
         tfb.residual_layernorm(o, bias, None, None, g, bias, 1e-6, o, B, L)
         tfb.residual_layernorm(o, bias, u[:, DFF:], bias, g, bias, 1e-6, o, B, L, kh,
                                pooled[:, 3])
+        w_f1, w_o = torch.zeros(D, DFF + D, dtype=dtype), torch.zeros(D, D, dtype=dtype)
+        w_f2 = torch.zeros(DFF, D, dtype=dtype)
+        tg.gemm_bias_tanh(o, w_f1, torch.zeros(DFF), DFF, u)
+        tg.gemm_residual_layernorm(o, w_o, bias, y[:, 3 * D:], None, g, bias, 1e-6, o)
+        tg.gemm_residual_layernorm(u[:, :DFF], w_f2, bias, u[:, DFF:], bias, g, bias, 1e-6, o)
+        tg.gemm_residual_layernorm(o, w_o, bias, None, None, g, bias, 1e-6, o)
+        tg.window_means(o, kh, pooled[:, 2], B, L)
 print(json.dumps(compiled))
 """
 
@@ -120,6 +128,7 @@ def test_every_triton_kernel_compiles_for_sm90(tmp_path):
     names = {name for name, _, _ in compiled}
     assert names >= {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_bwd_delta_kernel",
                      "_wrmse_windows", "_wrmse_reduce", "_input_embedding_fwd",
-                     "_flash_fwd", "_bias_tanh", "_residual_ln"}, names
+                     "_flash_fwd", "_bias_tanh", "_residual_ln", "_gemm_bias_tanh",
+                     "_gemm_residual_ln", "_window_means"}, names
     # Hopper gives a block at most 227 KiB of shared memory; a kernel over it fails at launch.
     assert max(shared for _, shared, _ in compiled) <= 227 * 1024, compiled

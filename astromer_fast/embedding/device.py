@@ -168,7 +168,7 @@ def _choose_engine(model, device: torch.device, precision: str | None):
 
 def gpu_path(device: torch.device) -> dict:
     """How ``embed`` runs bf16 windows on ``device``: {"path": "fused" or "plain", "attention",
-    "stages", "source"}. ``$ASTROMER_FAST_GPU_PATH`` (fused, plain or auto) decides when set;
+    "stages", "gemm", "source"}. ``$ASTROMER_FAST_GPU_PATH`` (fused, plain or auto) decides when set;
     else the calibrated choice for this GPU (``kernels/calibration.py``); else ``plain``, the
     model with ``backends.CUDA_DEFAULTS``."""
     from astromer_fast.model.fused_gpu import GPU_PATH_ENV, GPU_PATHS
@@ -177,13 +177,15 @@ def gpu_path(device: torch.device) -> dict:
     if env not in ("", "auto") + GPU_PATHS:
         raise ValueError(f"${GPU_PATH_ENV}={env!r}: choose one of {GPU_PATHS} or 'auto'")
     if env in GPU_PATHS:
-        return {"path": env, "attention": None, "stages": None, "source": GPU_PATH_ENV}
+        return {"path": env, "attention": None, "stages": None, "gemm": None,
+                "source": GPU_PATH_ENV}
     from astromer_fast.kernels.calibration import cached_choice
 
     choice = cached_choice(device)
     if choice:
         return {**choice, "source": "calibration"}
-    return {"path": "plain", "attention": None, "stages": None, "source": "fallback"}
+    return {"path": "plain", "attention": None, "stages": None, "gemm": None,
+            "source": "fallback"}
 
 
 def _fused_gpu_encoder(model):
@@ -196,7 +198,8 @@ def _fused_gpu_encoder(model):
     if choice["path"] != "fused" or fused_gpu_unsupported(model.config) is not None:
         return None
     try:
-        return FusedGpuEncoder(model, attention=choice["attention"], stages=choice["stages"])
+        return FusedGpuEncoder(model, attention=choice["attention"], stages=choice["stages"],
+                               gemm=choice.get("gemm"))
     except (ValueError, RuntimeError) as e:
         warnings.warn(f"the fused GPU encoder cannot run ({e}); embedding with the plain model",
                       RuntimeWarning)

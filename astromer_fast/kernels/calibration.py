@@ -3,7 +3,9 @@
 The candidates are whole encoder paths, timed on the same windows at a few widths: ``plain``
 (the model under bf16 autocast, attention by ``backends.CUDA_DEFAULTS``: SDPA) and the fused GPU
 encoder (``model/fused_gpu.py``) with each attention it can run (``fused:sdpa``,
-``fused:triton:1`` and ``fused:triton:2`` for one or two pipeline stages, ``fused:cuda_tc``).
+``fused:triton:1`` and ``fused:triton:2`` for one or two pipeline stages, ``fused:cuda_tc``), and
+each of those again with the Triton GEMMs that end in the block's element-wise work
+(``fused-tg:...``, ``gemm="triton"``) instead of cuBLAS plus separate passes.
 A candidate must first match the float32 plain model on the same windows (cosine of every window
 embedding, ``MIN_COSINE``); the fastest over all widths of those that passed is the choice.
 ``plain`` is always a candidate, so the default is never slower than SDPA on the widths measured.
@@ -34,10 +36,11 @@ import torch
 CACHE_ENV = "ASTROMER_FAST_CACHE"
 CALIBRATE_ENV = "ASTROMER_FAST_CALIBRATE"
 TIMEOUT_ENV = "ASTROMER_FAST_CALIBRATE_TIMEOUT"
-CANDIDATES = ("plain", "fused:sdpa", "fused:triton:1", "fused:triton:2", "fused:cuda_tc")
+_FUSED = ("sdpa", "triton:1", "triton:2", "cuda_tc")
+CANDIDATES = ("plain",) + tuple(f"{p}:{a}" for p in ("fused", "fused-tg") for a in _FUSED)
 WIDTHS = (48, 112, 200)
 MIN_COSINE = 0.995
-FORMAT = 1
+FORMAT = 2  # 2: choices name their GEMMs
 
 
 def cache_dir() -> Path:
@@ -96,14 +99,16 @@ def save(key: dict, result: dict) -> Path:
 
 
 def parse_candidate(name: str) -> dict:
-    """``"fused:triton:2"`` -> {"path": "fused", "attention": "triton", "stages": 2}."""
+    """``"fused-tg:triton:2"`` -> {"path": "fused", "attention": "triton", "stages": 2,
+    "gemm": "triton"}; ``fused:`` candidates take cuBLAS GEMMs."""
     parts = name.split(":")
     if parts == ["plain"]:
-        return {"path": "plain", "attention": None, "stages": None}
-    if parts[0] != "fused" or len(parts) not in (2, 3):
+        return {"path": "plain", "attention": None, "stages": None, "gemm": None}
+    if parts[0] not in ("fused", "fused-tg") or len(parts) not in (2, 3):
         raise ValueError(f"unknown calibration candidate {name!r}")
     stages = int(parts[2]) if len(parts) == 3 else None
-    return {"path": "fused", "attention": parts[1], "stages": stages}
+    return {"path": "fused", "attention": parts[1], "stages": stages,
+            "gemm": "triton" if parts[0] == "fused-tg" else "cublas"}
 
 
 def select(rows: list[dict]) -> str | None:
@@ -168,7 +173,8 @@ def _runner(model, name: str, device):
         return plain
     from astromer_fast.model.fused_gpu import FusedGpuEncoder
 
-    return FusedGpuEncoder(model, attention=spec["attention"], stages=spec["stages"])
+    return FusedGpuEncoder(model, attention=spec["attention"], stages=spec["stages"],
+                           gemm=spec["gemm"])
 
 
 def _cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -228,7 +234,7 @@ def calibrate(device="cuda", model=None, **kw) -> dict:
 
 
 def cached_choice(device) -> dict | None:
-    """The calibrated choice for ``device`` ({"path", "attention", "stages"}), running the
+    """The calibrated choice for ``device`` ({"path", "attention", "stages", "gemm"}), running the
     calibration in a child process first when nothing is cached (unless
     ``$ASTROMER_FAST_CALIBRATE=0``); None means: use the fallback."""
     device = torch.device(device)

@@ -18,6 +18,12 @@ bias, on strided views of Y), ``triton`` (the flash-style kernel of
 reference math, for tests). ``elementwise="torch"`` runs the three fused passes as plain PyTorch,
 which is how the class runs on CPU tensors without ``TRITON_INTERPRET=1``.
 
+``gemm="triton"`` folds the three passes into the GEMMs before them
+(``kernels/_triton_fused_gemm.py``): the output projection and the second feed-forward layer end
+in the residual + LayerNorm, the first feed-forward layer in bias + tanh, and the window means are
+a separate small pass. Only the fused QKV projection stays with cuBLAS (its bias is cuBLAS's own
+epilogue). Which of ``cublas`` and ``triton`` is faster is for the calibration to measure.
+
 Activations are bf16 on CUDA (float32 accumulation, LayerNorm statistics, softmax and pooling in
 float32), like the plain model under autocast; ``dtype=torch.float32`` is for the interpreter
 tests. Rows stay padded (B * L, one window after another): ``embed`` already trims each batch
@@ -36,9 +42,11 @@ from astromer_fast.kernels.masked_attention import attention_bias, masked_attent
 
 ATTENTIONS = ("sdpa", "triton", "cuda_tc", "torch")
 ELEMENTWISE = ("triton", "torch")
+GEMMS = ("cublas", "triton")
 GPU_PATHS = ("fused", "plain")
 GPU_PATH_ENV = "ASTROMER_FAST_GPU_PATH"
 ATTENTION_ENV = "ASTROMER_FAST_GPU_ATTENTION"
+GEMM_ENV = "ASTROMER_FAST_GPU_GEMM"
 _RULE_ID = {"key": 0, "query_or_key_plus1": 1}
 
 
@@ -130,7 +138,8 @@ class FusedGpuEncoder:
     """
 
     def __init__(self, model, *, attention: str | None = None, elementwise: str | None = None,
-                 dtype: torch.dtype | None = None, stages: int | None = None):
+                 dtype: torch.dtype | None = None, stages: int | None = None,
+                 gemm: str | None = None):
         cfg = model.config
         why = fused_gpu_unsupported(cfg)
         if why is not None:
@@ -149,14 +158,18 @@ class FusedGpuEncoder:
         self.elementwise = elementwise or ("triton" if cuda else "torch")
         if self.elementwise not in ELEMENTWISE:
             raise ValueError(f"elementwise must be one of {ELEMENTWISE}, got {self.elementwise!r}")
-        if self.elementwise == "triton" or self.attention == "triton":
+        self.gemm = gemm or os.environ.get(GEMM_ENV, "").strip() or "cublas"
+        if self.gemm not in GEMMS:
+            raise ValueError(f"gemm must be one of {GEMMS}, got {self.gemm!r} "
+                             f"(argument or ${GEMM_ENV})")
+        if "triton" in (self.elementwise, self.attention, self.gemm):
             from astromer_fast.kernels.backends import unavailable_reason
 
+            if self.dtype == torch.float64:
+                raise ValueError("the Triton passes take bfloat16 or float32, not float64")
             why = unavailable_reason("triton", self.device)
             if why is not None:
                 raise ValueError(f"the fused GPU encoder's Triton passes cannot run: {why}")
-            if self.dtype == torch.float64:
-                raise ValueError("the Triton passes take bfloat16 or float32, not float64")
         self.stages = stages
         with torch.no_grad():
             emb = model.embedding
@@ -266,6 +279,8 @@ class FusedGpuEncoder:
             w = valid.unsqueeze(-1).to(acc)
             pooled[:, 0] = (x.to(acc) * w).sum(1) / w.sum(1).clamp_min(1)
         x = x.reshape(N, D).to(dt)
+        if self.gemm == "triton":
+            return self._blocks_triton_gemm(x, hidden, kh, allh, valid_u8, pooled, B, L, layers)
         o = torch.empty(N, D, dtype=dt, device=self.device)
         a = torch.empty(N, D, dtype=dt, device=self.device)
         for i, blk in enumerate(self.blocks):
@@ -282,4 +297,27 @@ class FusedGpuEncoder:
             self._residual_ln(z, blk.b_f2.to(acc), u[:, dff:] if self.leak else None,
                               blk.b_leak2.to(acc) if self.leak else None, blk.ln2, x, B, L,
                               valid_u8, pooled[:, i + 1 if layers else 0] if pool else None)
+        return pooled if layers else pooled[:, 0]
+
+    def _blocks_triton_gemm(self, x, hidden, kh, allh, valid_u8, pooled, B, L, layers):
+        """The blocks with the element-wise passes in the Triton GEMMs' epilogues."""
+        from astromer_fast.kernels import _triton_fused_gemm as tg
+
+        cfg = self.config
+        D, dff, N = cfg.d_model, cfg.dff, B * L
+        o = torch.empty(N, D, dtype=self.dtype, device=self.device)
+        a = torch.empty(N, D, dtype=self.dtype, device=self.device)
+        for i, blk in enumerate(self.blocks):
+            y = torch.addmm(blk.b_in, x, blk.w_in)
+            self._attend(y, hidden, kh, allh, o, B, L)
+            tg.gemm_residual_layernorm(o, blk.w_o, blk.b_o, y[:, 3 * D:] if self.leak else None,
+                                       None, *blk.ln1, cfg.ln_eps, a)
+            u = tg.gemm_bias_tanh(a, blk.w_f1, blk.b_f1, dff)
+            x = torch.empty(N, D, dtype=self.dtype, device=self.device)
+            tg.gemm_residual_layernorm(u[:, :dff], blk.w_f2, blk.b_f2,
+                                       u[:, dff:] if self.leak else None,
+                                       blk.b_leak2 if self.leak else None, *blk.ln2,
+                                       cfg.ln_eps, x)
+            if layers or i == len(self.blocks) - 1:
+                tg.window_means(x, valid_u8, pooled[:, i + 1 if layers else 0], B, L)
         return pooled if layers else pooled[:, 0]

@@ -1,0 +1,229 @@
+"""Triton GEMMs whose epilogues do the fused GPU block's element-wise work while the tile is still
+in registers (``astromer_fast.model.fused_gpu`` with ``gemm="triton"``).
+
+With cuBLAS, each of the block's GEMMs writes its bf16 result and a second pass reads it back for
+the bias, tanh, residual and LayerNorm. The GEMMs here have K = d_model or dff (256 or 512 in
+Astromer 2), so that extra round trip through memory is of the same order as the GEMM itself.
+
+* ``gemm_bias_tanh``: C = A @ W with C[:, :n] = tanh(C[:, :n] + b) (the first feed-forward layer,
+  its leak columns left as they are).
+* ``gemm_residual_layernorm``: OUT = LN(A @ W + b + R + rb) * g + beta, one program owning whole
+  rows (BLOCK_N >= D), so the row statistics are taken from the float32 accumulator: the GEMM's
+  result is never rounded to bf16 before the LayerNorm (the cuBLAS path rounds it once).
+* ``window_means``: the per-window mean of a (B * L, D) activation over the valid rows, float32
+  sums, one program per window (deterministic: no atomics).
+
+A (M, K) and R may be column slices of wider buffers (row strides are arguments); W is (K, N)
+row-major, as ``fused_gpu._Block`` stores the transposed weights. Accumulation is float32; bf16
+inputs use tensor cores, float32 inputs IEEE dots (the interpreter tests).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _gemm_bias_tanh(
+    A, lda, W, ldw, C, ldc, BIAS, M, N, K, n_tanh,
+    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    rmask = rows < M
+    cmask = cols < N
+    a_ptr = A + rows.to(tl.int64)[:, None] * lda + ks[None, :]
+    w_ptr = W + ks[:, None] * ldw + cols[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptr, mask=rmask[:, None], other=0.0)
+            w = tl.load(w_ptr, mask=cmask[None, :], other=0.0)
+        else:
+            kmask = (k0 + ks) < K
+            a = tl.load(a_ptr, mask=rmask[:, None] & kmask[None, :], other=0.0)
+            w = tl.load(w_ptr, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=PREC)
+        a_ptr += BLOCK_K
+        w_ptr += BLOCK_K * ldw
+    tmask = cols < n_tanh
+    x = acc + tl.load(BIAS + cols, mask=tmask, other=0.0)[None, :]
+    # tanh(x) = sign(x) (1 - e) / (1 + e), e = exp(-2|x|) <= 1: no overflow for any x.
+    e = tl.exp(-2.0 * tl.abs(x))
+    y = (1.0 - e) / (1.0 + e)
+    y = tl.where(x < 0, -y, y)
+    out = tl.where(tmask[None, :], y, acc)
+    c_ptr = C + rows.to(tl.int64)[:, None] * ldc + cols[None, :]
+    tl.store(c_ptr, out.to(C.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+
+def _gemm_residual_ln(
+    A, lda, W, ldw, BZ, R, ldr, RB, G, BETA, OUT, ldo, M, D, K, eps,
+    HAS_RES: tl.constexpr, HAS_RBIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    rmask = rows < M
+    cmask = cols < D
+    a_ptr = A + rows.to(tl.int64)[:, None] * lda + ks[None, :]
+    w_ptr = W + ks[:, None] * ldw + cols[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptr, mask=rmask[:, None], other=0.0)
+            w = tl.load(w_ptr, mask=cmask[None, :], other=0.0)
+        else:
+            kmask = (k0 + ks) < K
+            a = tl.load(a_ptr, mask=rmask[:, None] & kmask[None, :], other=0.0)
+            w = tl.load(w_ptr, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=PREC)
+        a_ptr += BLOCK_K
+        w_ptr += BLOCK_K * ldw
+    mask = rmask[:, None] & cmask[None, :]
+    bias = tl.load(BZ + cols, mask=cmask, other=0.0)
+    if HAS_RBIAS:
+        bias += tl.load(RB + cols, mask=cmask, other=0.0)
+    z = acc + bias[None, :]
+    if HAS_RES:
+        r_ptr = R + rows.to(tl.int64)[:, None] * ldr + cols[None, :]
+        z += tl.load(r_ptr, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(tl.where(cmask[None, :], z, 0.0), 1) / D
+    zc = tl.where(cmask[None, :], z - mean[:, None], 0.0)
+    var = tl.sum(zc * zc, 1) / D
+    rstd = 1.0 / tl.sqrt(var + eps)
+    g = tl.load(G + cols, mask=cmask, other=0.0)
+    beta = tl.load(BETA + cols, mask=cmask, other=0.0)
+    y = zc * rstd[:, None] * g[None, :] + beta[None, :]
+    o_ptr = OUT + rows.to(tl.int64)[:, None] * ldo + cols[None, :]
+    tl.store(o_ptr, y.to(OUT.dtype.element_ty), mask=mask)
+
+
+def _window_means(X, ldx, VALID, POOL, ldp, L, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    b = tl.program_id(0)
+    row0 = b.to(tl.int64) * L
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    total = tl.zeros([BLOCK_D], tl.float32)
+    count = tl.zeros([BLOCK_R], tl.float32)
+    for r0 in range(0, L, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        rmask = rows < L
+        ok = (tl.load(VALID + row0 + rows, mask=rmask, other=0) != 0) & rmask
+        x = tl.load(X + (row0 + rows)[:, None] * ldx + cols[None, :],
+                    mask=ok[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        total += tl.sum(x, 0)
+        count += ok.to(tl.float32)
+    n = tl.maximum(tl.sum(count, 0), 1.0)
+    tl.store(POOL + b.to(tl.int64) * ldp + cols, total / n, mask=cmask)
+
+
+_cache: dict[bool, tuple] = {}
+
+
+def _interpreting() -> bool:
+    from astromer_fast.kernels.backends import triton_interpret_enabled
+
+    return triton_interpret_enabled()
+
+
+def _kernels():
+    interp = _interpreting()
+    ks = _cache.get(interp)
+    if ks is None:
+        ks = _cache[interp] = tuple(triton.jit(f) for f in
+                                    (_gemm_bias_tanh, _gemm_residual_ln, _window_means))
+    return ks
+
+
+def _check(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, n_out: int) -> tuple[int, int]:
+    if a.dim() != 2 or w.dim() != 2 or out.dim() != 2:
+        raise ValueError("the fused GEMMs take 2-D operands")
+    M, K = a.shape
+    if w.shape != (K, n_out) or out.shape[0] != M or out.shape[1] < n_out:
+        raise ValueError(f"shapes do not chain: A {tuple(a.shape)}, W {tuple(w.shape)}, "
+                         f"out {tuple(out.shape)}")
+    if a.stride(1) != 1 or w.stride(1) != 1 or out.stride(1) != 1 or w.stride(0) != n_out:
+        raise ValueError("the fused GEMMs need rows with contiguous columns and a row-major W")
+    if not (a.dtype == w.dtype == out.dtype):
+        raise ValueError(f"A, W and out must share a dtype, got {a.dtype}, {w.dtype}, {out.dtype}")
+    return M, K
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # bf16 dots ignore it
+
+
+def gemm_bias_tanh(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, n_tanh: int,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """out = a @ w, then out[:, :n_tanh] = tanh(out[:, :n_tanh] + bias) before rounding to
+    out's dtype; ``bias`` float32 (n_tanh,). Returns ``out`` (a new (M, N) tensor if None)."""
+    N = w.shape[1]
+    if out is None:
+        out = torch.empty(a.shape[0], N, dtype=a.dtype, device=a.device)
+    M, K = _check(a, w, out, N)
+    if not 0 <= n_tanh <= N or bias.numel() < n_tanh:
+        raise ValueError(f"n_tanh ({n_tanh}) must be within the {N} columns and the bias")
+    if M == 0:
+        return out
+    if _interpreting():
+        bm, bn, bk, launch = 16, 16, 16, dict(num_warps=1)
+    else:
+        bm, bn, bk, launch = 128, 128, 64, dict(num_warps=8, num_stages=3)
+    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+    _kernels()[0][grid](a, a.stride(0), w, w.stride(0), out, out.stride(0), bias, M, N, K, n_tanh,
+                        EVEN_K=K % bk == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                        PREC=_precision(a.dtype), **launch)
+    return out
+
+
+def gemm_residual_layernorm(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, res, res_bias,
+                            gamma: torch.Tensor, beta: torch.Tensor, eps: float,
+                            out: torch.Tensor) -> torch.Tensor:
+    """out = LN(a @ w + bias + res + res_bias) * gamma + beta per row, the LayerNorm taken from
+    the float32 accumulator (``res`` and ``res_bias`` may be None); bias/LN parameters float32."""
+    D = w.shape[1]
+    M, K = _check(a, w, out, D)
+    if res is not None and (res.shape[0] != M or res.shape[1] < D or res.stride(1) != 1):
+        raise ValueError(f"the residual must be ({M}, >= {D}) with contiguous columns")
+    if M == 0:
+        return out
+    block_n = max(16, triton.next_power_of_2(D))
+    if _interpreting():
+        bm, bk, launch = 16, 16, dict(num_warps=1)
+    else:
+        # A whole row per program: the float32 tile is BLOCK_M x BLOCK_N registers.
+        bm = 64 if block_n <= 256 else 32
+        bk = 64
+        launch = dict(num_warps=8, num_stages=3)
+    _kernels()[1][(triton.cdiv(M, bm),)](
+        a, a.stride(0), w, w.stride(0), bias, res if res is not None else a,
+        res.stride(0) if res is not None else 0, res_bias if res_bias is not None else bias,
+        gamma, beta, out, out.stride(0), M, D, K, float(eps),
+        HAS_RES=res is not None, HAS_RBIAS=res_bias is not None, EVEN_K=K % bk == 0,
+        BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=bk, PREC=_precision(a.dtype), **launch)
+    return out
+
+
+def window_means(x: torch.Tensor, valid: torch.Tensor, pooled: torch.Tensor, B: int,
+                 L: int) -> None:
+    """pooled[b] = mean of x's rows b * L .. b * L + L - 1 where ``valid`` (B, L) uint8 is set,
+    in float32 (zeros for a window without valid rows); ``pooled`` (B, D), row stride free."""
+    D = x.shape[1]
+    if B * L == 0:
+        return
+    block_d = triton.next_power_of_2(D)
+    block_r = 4 if _interpreting() else max(1, min(32, 8192 // block_d))
+    _kernels()[2][(B,)](x, x.stride(0), valid, pooled, pooled.stride(0), L, D,
+                        BLOCK_R=block_r, BLOCK_D=block_d,
+                        num_warps=1 if _interpreting() else 4)
+
+
+__all__ = ["gemm_bias_tanh", "gemm_residual_layernorm", "window_means"]
