@@ -16,13 +16,26 @@ Astromer 2), so that extra round trip through memory is of the same order as the
 A (M, K) and R may be column slices of wider buffers (row strides are arguments); W is (K, N)
 row-major, as ``fused_gpu._Block`` stores the transposed weights. Accumulation is float32; bf16
 inputs use tensor cores, float32 inputs IEEE dots (the interpreter tests).
+
+Tile shapes: each GEMM times a few candidate tilings on its first eager call per (shape of W,
+dtype, device) and keeps the fastest for the process (never while a CUDA graph is being captured:
+then the first candidate runs). ``$ASTROMER_FAST_TRITON_GEMM_TUNE=0`` always takes the first.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+
+TUNE_ENV = "ASTROMER_FAST_TRITON_GEMM_TUNE"
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); the first is taken without tuning.
+BIAS_TANH_TILES = ((128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 3),
+                   (128, 256, 64, 8, 3))
+# BLOCK_N is the whole row (the next power of two >= D): (BLOCK_M, BLOCK_K, num_warps, num_stages).
+RESIDUAL_LN_TILES = ((64, 64, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4), (128, 64, 8, 2))
 
 
 def _gemm_bias_tanh(
@@ -161,6 +174,36 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # bf16 dots ignore it
 
 
+_tuned: dict[tuple, tuple] = {}
+
+
+def _tile(kind: str, tiles: tuple, key: tuple, launch, device: torch.device) -> tuple:
+    """The tiling for ``key``: the one timed fastest (``launch(tile)`` runs the kernel once)."""
+    full = (kind, *key, str(device))
+    if full in _tuned:
+        return _tuned[full]
+    if (os.environ.get(TUNE_ENV, "1").strip() == "0" or device.type != "cuda"
+            or torch.cuda.is_current_stream_capturing()):
+        return tiles[0]
+    best, best_ms = tiles[0], float("inf")
+    for tile in tiles:
+        try:
+            launch(tile)  # compiles
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(5):
+                launch(tile)
+            end.record()
+            end.synchronize()
+            ms = start.elapsed_time(end)
+        except Exception:  # noqa: BLE001 - a tiling this GPU cannot run (shared memory) is skipped
+            continue
+        if ms < best_ms:
+            best, best_ms = tile, ms
+    _tuned[full] = best
+    return best
+
+
 def gemm_bias_tanh(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, n_tanh: int,
                    out: torch.Tensor | None = None) -> torch.Tensor:
     """out = a @ w, then out[:, :n_tanh] = tanh(out[:, :n_tanh] + bias) before rounding to
@@ -173,14 +216,21 @@ def gemm_bias_tanh(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, n_tanh:
         raise ValueError(f"n_tanh ({n_tanh}) must be within the {N} columns and the bias")
     if M == 0:
         return out
+    kernel = _kernels()[0]
+
+    def launch(tile):
+        bm, bn, bk, warps, stages = tile
+        grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+        extra = dict(num_warps=warps) if _interpreting() else \
+            dict(num_warps=warps, num_stages=stages)
+        kernel[grid](a, a.stride(0), w, w.stride(0), out, out.stride(0), bias, M, N, K, n_tanh,
+                     EVEN_K=K % bk == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                     PREC=_precision(a.dtype), **extra)
+
     if _interpreting():
-        bm, bn, bk, launch = 16, 16, 16, dict(num_warps=1)
+        launch((16, 16, 16, 1, 1))
     else:
-        bm, bn, bk, launch = 128, 128, 64, dict(num_warps=8, num_stages=3)
-    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
-    _kernels()[0][grid](a, a.stride(0), w, w.stride(0), out, out.stride(0), bias, M, N, K, n_tanh,
-                        EVEN_K=K % bk == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                        PREC=_precision(a.dtype), **launch)
+        launch(_tile("bias_tanh", BIAS_TANH_TILES, (K, N, a.dtype), launch, a.device))
     return out
 
 
@@ -195,20 +245,28 @@ def gemm_residual_layernorm(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor
         raise ValueError(f"the residual must be ({M}, >= {D}) with contiguous columns")
     if M == 0:
         return out
+    kernel = _kernels()[1]
     block_n = max(16, triton.next_power_of_2(D))
+
+    def launch(tile):
+        bm, bk, warps, stages = tile
+        extra = dict(num_warps=warps) if _interpreting() else \
+            dict(num_warps=warps, num_stages=stages)
+        kernel[(triton.cdiv(M, bm),)](
+            a, a.stride(0), w, w.stride(0), bias, res if res is not None else a,
+            res.stride(0) if res is not None else 0, res_bias if res_bias is not None else bias,
+            gamma, beta, out, out.stride(0), M, D, K, float(eps),
+            HAS_RES=res is not None, HAS_RBIAS=res_bias is not None, EVEN_K=K % bk == 0,
+            BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=bk, PREC=_precision(a.dtype), **extra)
+
     if _interpreting():
-        bm, bk, launch = 16, 16, dict(num_warps=1)
+        launch((16, 16, 1, 1))
     else:
-        # A whole row per program: the float32 tile is BLOCK_M x BLOCK_N registers.
-        bm = 64 if block_n <= 256 else 32
-        bk = 64
-        launch = dict(num_warps=8, num_stages=3)
-    _kernels()[1][(triton.cdiv(M, bm),)](
-        a, a.stride(0), w, w.stride(0), bias, res if res is not None else a,
-        res.stride(0) if res is not None else 0, res_bias if res_bias is not None else bias,
-        gamma, beta, out, out.stride(0), M, D, K, float(eps),
-        HAS_RES=res is not None, HAS_RBIAS=res_bias is not None, EVEN_K=K % bk == 0,
-        BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=bk, PREC=_precision(a.dtype), **launch)
+        # A whole row per program: wide rows take the tilings with fewer rows.
+        tiles = RESIDUAL_LN_TILES if block_n <= 256 else \
+            tuple(t for t in RESIDUAL_LN_TILES if t[0] <= 32)
+        key = (K, D, a.dtype, res is not None, res_bias is not None)
+        launch(_tile("residual_ln", tiles, key, launch, a.device))
     return out
 
 
@@ -226,4 +284,5 @@ def window_means(x: torch.Tensor, valid: torch.Tensor, pooled: torch.Tensor, B: 
                         num_warps=1 if _interpreting() else 4)
 
 
-__all__ = ["gemm_bias_tanh", "gemm_residual_layernorm", "window_means"]
+__all__ = ["BIAS_TANH_TILES", "RESIDUAL_LN_TILES", "TUNE_ENV", "gemm_bias_tanh",
+           "gemm_residual_layernorm", "window_means"]
