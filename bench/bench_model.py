@@ -133,8 +133,10 @@ def variants(device, compile_ref):  # compile_ref: False, True or a torch.compil
                     (name + ", CUDA graphs", fused_gpu_variant(att, stages, graphs=True))]
             if stages != 2:
                 # The element-wise passes in the Triton GEMMs' epilogues instead of cuBLAS.
-                out.append((name + ", Triton GEMMs, CUDA graphs",
-                            fused_gpu_variant(att, stages, graphs=True, gemm="triton")))
+                out += [(name + ", Triton GEMMs, CUDA graphs",
+                         fused_gpu_variant(att, stages, graphs=True, gemm="triton")),
+                        (name + ", Triton GEMMs + fused MLP, CUDA graphs",
+                         fused_gpu_variant(att, stages, graphs=True, gemm="triton_mlp"))]
         # Candidates for the attention default, the other ops on their defaults: Triton's tl.dot
         # kernels and the CUDA tensor-core (WMMA) kernels, both bf16 on tensor cores.
         out += [("astromer_fast defaults, bf16", ours_plain_variant("bf16")),

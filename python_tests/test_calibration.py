@@ -102,6 +102,30 @@ def test_measure_and_calibrate_pick_the_fastest_correct_candidate(cache, monkeyp
     assert cal.load(KEY)["candidate"] == "fused:sdpa"
 
 
+def test_calibration_tries_the_triton_gemms_with_the_fastest_fused_attention(cache, monkeypatch):
+    torch.manual_seed(0)
+    model = Astromer(AstromerConfig(n_blocks=1, d_model=32, n_heads=2, dff=64)).eval()
+    fake = {"plain": 3.0, "fused:sdpa": 2.0, "fused:triton:1": 1.0, "fused:triton:2": 1.5,
+            "fused:cuda_tc": None, "fused-tg:triton:1": 0.9, "fused-mlp:triton:1": 0.7}
+    measured = []
+
+    def runner(model, name, device):
+        measured.append(name)
+        if fake[name] is None:
+            raise ValueError("cannot run here")
+        return lambda t, m, v: model.embed_windows(t, m, v)
+
+    monkeypatch.setattr(cal, "_runner", runner)
+    result = cal.calibrate("cpu", model, widths=(9,), batch=8, reps=1,
+                           timer=lambda fn, device, reps: fake[measured[-1]])
+    assert measured == list(cal.ATTENTION_CANDIDATES) + ["fused-tg:triton:1",
+                                                         "fused-mlp:triton:1"]
+    assert result["candidate"] == "fused-mlp:triton:1"
+    assert result["choice"] == {"path": "fused", "attention": "triton", "stages": 1,
+                                "gemm": "triton_mlp"}
+    assert cal.gemm_candidates([row("plain", 9, 1.0)]) == ()
+
+
 def test_a_wrong_candidate_fails_the_check(cache, monkeypatch):
     model = Astromer(AstromerConfig(n_blocks=1, d_model=32, n_heads=2, dff=64)).eval()
     monkeypatch.setattr(cal, "_runner", lambda model, name, device:

@@ -177,17 +177,34 @@ _INTERPRETED_GEMMS = textwrap.dedent(
             z = z + r.double() + rb.double()
         want = F.layer_norm(z, (D,), gamma.double(), beta.double(), 1e-6)
         errs[f"residual_layernorm {M}x{K}x{D} res={res}"] = (out.double() - want).abs().max().item()
+    # D and F multiples of the tile (unmasked loads) and not (masked), with and without the skip.
+    for M, D, F_, leak in ((1, 32, 64, True), (37, 32, 48, False), (70, 40, 64, True)):
+        a = torch.randn(M, D, generator=g)
+        w = torch.randn(D, F_ + D, generator=g) * 0.2
+        b1, b2, bl = (torch.randn(n, generator=g) for n in (F_, D, D))
+        w2 = torch.randn(F_, D, generator=g) * 0.2
+        gamma, beta = torch.rand(D, generator=g) + 0.5, torch.randn(D, generator=g)
+        out = torch.full((M, D), float("nan"))
+        tg.mlp_residual_layernorm(a, w[:, :F_], b1, w2, b2, w[:, F_:] if leak else None,
+                                  bl if leak else None, gamma, beta, 1e-6, out)
+        z = torch.tanh(a.double() @ w[:, :F_].double() + b1.double()) @ w2.double() + b2.double()
+        if leak:
+            z = z + a.double() @ w[:, F_:].double() + bl.double()
+        want = F.layer_norm(z, (D,), gamma.double(), beta.double(), 1e-6)
+        errs[f"mlp {M}x{D}x{F_} leak={leak}"] = (out.double() - want).abs().max().item()
     for preset in ("astromer2", "astromer1"):
         model = make_model(preset)
         t, m, valid = make_windows()
         want = model.embed_windows(t, m, valid, layers=True, backend="torch")
-        for attention in ("torch", "triton"):
+        for attention, gemm in (("torch", "triton"), ("triton", "triton"),
+                                ("triton", "triton_mlp")):
             enc = FusedGpuEncoder(make_model(preset, torch.float32), attention=attention,
-                                  elementwise="triton", gemm="triton")
+                                  elementwise="triton", gemm=gemm)
             got = enc(t.float(), m.float(), valid, layers=True)
             assert torch.equal(enc(t.float(), m.float(), valid), got[:, -1])
             assert got[3].abs().max() == 0
-            errs[f"encoder {preset} {attention}"] = (got.double() - want).abs().max().item()
+            errs[f"encoder {preset} {attention} {gemm}"] = \
+                (got.double() - want).abs().max().item()
     print(json.dumps(errs))
     """
 )
@@ -195,7 +212,7 @@ _INTERPRETED_GEMMS = textwrap.dedent(
 
 def test_triton_gemms_with_epilogues_under_interpreter_match_float64(run_triton_interpreted):
     errs = run_triton_interpreted(_INTERPRETED_GEMMS)
-    assert len(errs) == 10, errs
+    assert len(errs) == 15, errs
     assert max(errs.values()) < 5e-6, errs
 
 

@@ -53,6 +53,12 @@ def compile_only(self, *args, grid, warmup, **kwargs):
     kernel = _run(self, *args, grid=grid, warmup=True, **kwargs)
     assert kernel is not None and kernel.asm.get("cubin"), self.__name__
     compiled.append([self.__name__, kernel.metadata.shared, kernel.metadata.num_stages])
+    # The bf16 GEMMs must reach Hopper's asynchronous warpgroup MMA, not the older mma.sync,
+    # wherever a tile has the 64 rows per warpgroup it takes (narrower tiles are the tuner's
+    # mma.sync alternatives).
+    if self.__name__ in ("_gemm_bias_tanh", "_gemm_residual_ln", "_mlp_residual_ln") and \
+            args[0].dtype == torch.bfloat16 and kwargs["BLOCK_M"] >= 64:
+        assert "wgmma.mma_async" in kernel.asm["ptx"], (self.__name__, kwargs)
     return kernel
 
 
@@ -87,8 +93,15 @@ for rows in (1, 7 * 200):
     ie._RUNNERS["triton"](t, m, None, w, b, None, 1000.0, torch.empty(rows, 256))
 import astromer_fast.kernels._triton_fused_block as tfb
 import astromer_fast.kernels._triton_fused_gemm as tg
-# Compile every tiling the GPU's first-call tuning may pick (here a launch only compiles).
-tg._tile = lambda kind, tiles, key, launch, device: [launch(t) for t in tiles[1:]] and tiles[0]
+# Compile every tiling the GPU's first-call tuning may pick for bf16 (here a launch only
+# compiles); float32 keeps the first (key[2] is the dtype).
+def compile_every_tile(kind, tiles, key, launch, device):
+    for tile in tiles[1:] if key[2] == torch.bfloat16 else ():
+        launch(tile)
+    return tiles[0]
+
+
+tg._tile = compile_every_tile
 D, DFF = H * HD, 512
 for dtype in (torch.float32, torch.bfloat16):
     for L in (1, 7, 200):
@@ -114,6 +127,10 @@ for dtype in (torch.float32, torch.bfloat16):
         tg.gemm_residual_layernorm(u[:, :DFF], w_f2, bias, u[:, DFF:], bias, g, bias, 1e-6, o)
         tg.gemm_residual_layernorm(o, w_o, bias, None, None, g, bias, 1e-6, o)
         tg.window_means(o, kh, pooled[:, 2], B, L)
+        tg.mlp_residual_layernorm(o, w_f1[:, :DFF], torch.zeros(DFF), w_f2, bias, w_f1[:, DFF:],
+                                  bias, g, bias, 1e-6, o.clone())
+        tg.mlp_residual_layernorm(o, w_f1[:, :DFF], torch.zeros(DFF), w_f2, bias, None, None, g,
+                                  bias, 1e-6, o.clone())
 print(json.dumps(compiled))
 """
 
@@ -131,6 +148,6 @@ def test_every_triton_kernel_compiles_for_sm90(tmp_path):
     assert names >= {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_bwd_delta_kernel",
                      "_wrmse_windows", "_wrmse_reduce", "_input_embedding_fwd",
                      "_flash_fwd", "_bias_tanh", "_residual_ln", "_gemm_bias_tanh",
-                     "_gemm_residual_ln", "_window_means"}, names
+                     "_gemm_residual_ln", "_window_means", "_mlp_residual_ln"}, names
     # Hopper gives a block at most 227 KiB of shared memory; a kernel over it fails at launch.
     assert max(shared for _, shared, _ in compiled) <= 227 * 1024, compiled

@@ -10,6 +10,9 @@ Astromer 2), so that extra round trip through memory is of the same order as the
 * ``gemm_residual_layernorm``: OUT = LN(A @ W + b + R + rb) * g + beta, one program owning whole
   rows (BLOCK_N >= D), so the row statistics are taken from the float32 accumulator: the GEMM's
   result is never rounded to bf16 before the LayerNorm (the cuBLAS path rounds it once).
+* ``mlp_residual_layernorm``: the whole feed-forward half of the block in one kernel,
+  OUT = LN(tanh(A W1 + b1) W2 + b2 + A Wleak + bleak) * g + beta: the hidden layer is produced
+  and consumed a column slice at a time in registers, never written (``gemm="triton_mlp"``).
 * ``window_means``: the per-window mean of a (B * L, D) activation over the valid rows, float32
   sums, one program per window (deterministic: no atomics).
 
@@ -36,6 +39,8 @@ BIAS_TANH_TILES = ((128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 
                    (128, 256, 64, 8, 3))
 # BLOCK_N is the whole row (the next power of two >= D): (BLOCK_M, BLOCK_K, num_warps, num_stages).
 RESIDUAL_LN_TILES = ((64, 64, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4), (128, 64, 8, 2))
+# (BLOCK_M, BLOCK_F, BLOCK_K, num_warps, num_stages) of the fused feed-forward layers.
+MLP_TILES = ((64, 64, 64, 8, 2), (64, 128, 64, 8, 2), (32, 64, 64, 4, 3), (128, 64, 64, 8, 2))
 
 
 def _gemm_bias_tanh(
@@ -119,6 +124,68 @@ def _gemm_residual_ln(
     tl.store(o_ptr, y.to(OUT.dtype.element_ty), mask=mask)
 
 
+def _mlp_residual_ln(
+    A, lda, W1, ldw1, B1, W2, ldw2, WL, ldwl, B2, BL, G, BETA, OUT, ldo, M, D, F, eps,
+    HAS_LEAK: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    fs = tl.arange(0, BLOCK_F)
+    rmask = rows < M
+    cmask = cols < D
+    a_rows = A + rows.to(tl.int64)[:, None] * lda
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    # The hidden layer in BLOCK_F-column slices: each slice goes through bias + tanh in registers
+    # and straight into the second layer's accumulator, so U never reaches memory.
+    for f0 in range(0, F, BLOCK_F):
+        fmask = (f0 + fs) < F
+        u = tl.zeros([BLOCK_M, BLOCK_F], tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            if EVEN:
+                a = tl.load(a_rows + (k0 + ks)[None, :], mask=rmask[:, None], other=0.0)
+                w1 = tl.load(W1 + (k0 + ks)[:, None] * ldw1 + (f0 + fs)[None, :])
+            else:
+                kmask = (k0 + ks) < D
+                a = tl.load(a_rows + (k0 + ks)[None, :], mask=rmask[:, None] & kmask[None, :],
+                            other=0.0)
+                w1 = tl.load(W1 + (k0 + ks)[:, None] * ldw1 + (f0 + fs)[None, :],
+                             mask=kmask[:, None] & fmask[None, :], other=0.0)
+            u = tl.dot(a, w1, u, input_precision=PREC)
+        u += tl.load(B1 + f0 + fs, mask=fmask, other=0.0)[None, :]
+        e = tl.exp(-2.0 * tl.abs(u))
+        h = (1.0 - e) / (1.0 + e)
+        h = tl.where(u < 0, -h, h)
+        h = tl.where(fmask[None, :], h, 0.0)
+        w2 = tl.load(W2 + (f0 + fs)[:, None] * ldw2 + cols[None, :],
+                     mask=fmask[:, None] & cmask[None, :], other=0.0)
+        acc = tl.dot(h.to(w2.dtype), w2, acc, input_precision=PREC)
+    if HAS_LEAK:
+        for k0 in range(0, D, BLOCK_K):
+            kmask = (k0 + ks) < D
+            a = tl.load(a_rows + (k0 + ks)[None, :], mask=rmask[:, None] & kmask[None, :],
+                        other=0.0)
+            wl = tl.load(WL + (k0 + ks)[:, None] * ldwl + cols[None, :],
+                         mask=kmask[:, None] & cmask[None, :], other=0.0)
+            acc = tl.dot(a, wl, acc, input_precision=PREC)
+    mask = rmask[:, None] & cmask[None, :]
+    bias = tl.load(B2 + cols, mask=cmask, other=0.0)
+    if HAS_LEAK:
+        bias += tl.load(BL + cols, mask=cmask, other=0.0)
+    z = acc + bias[None, :]
+    mean = tl.sum(tl.where(cmask[None, :], z, 0.0), 1) / D
+    zc = tl.where(cmask[None, :], z - mean[:, None], 0.0)
+    var = tl.sum(zc * zc, 1) / D
+    rstd = 1.0 / tl.sqrt(var + eps)
+    g = tl.load(G + cols, mask=cmask, other=0.0)
+    beta = tl.load(BETA + cols, mask=cmask, other=0.0)
+    y = zc * rstd[:, None] * g[None, :] + beta[None, :]
+    o_ptr = OUT + rows.to(tl.int64)[:, None] * ldo + cols[None, :]
+    tl.store(o_ptr, y.to(OUT.dtype.element_ty), mask=mask)
+
+
 def _window_means(X, ldx, VALID, POOL, ldp, L, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     b = tl.program_id(0)
     row0 = b.to(tl.int64) * L
@@ -152,7 +219,8 @@ def _kernels():
     ks = _cache.get(interp)
     if ks is None:
         ks = _cache[interp] = tuple(triton.jit(f) for f in
-                                    (_gemm_bias_tanh, _gemm_residual_ln, _window_means))
+                                    (_gemm_bias_tanh, _gemm_residual_ln, _window_means,
+                                     _mlp_residual_ln))
     return ks
 
 
@@ -270,6 +338,52 @@ def gemm_residual_layernorm(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor
     return out
 
 
+def mlp_residual_layernorm(a: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
+                           w2: torch.Tensor, b2: torch.Tensor, w_leak, b_leak,
+                           gamma: torch.Tensor, beta: torch.Tensor, eps: float,
+                           out: torch.Tensor) -> torch.Tensor:
+    """out = LN(tanh(a @ w1 + b1) @ w2 + b2 + a @ w_leak + b_leak) * gamma + beta per row in one
+    kernel (the block's feed-forward half; ``w_leak``/``b_leak`` None without the skip path).
+    ``w1`` (D, F) and ``w_leak`` (D, D) may be column slices of one row-major buffer; ``w2``
+    (F, D) row-major; the hidden layer is rounded to the operands' dtype before ``w2``, as the
+    two-GEMM form stores it."""
+    M, D = a.shape
+    F = w1.shape[1]
+    if w1.shape[0] != D or w2.shape != (F, D) or out.shape != (M, D):
+        raise ValueError(f"shapes do not chain: A {tuple(a.shape)}, W1 {tuple(w1.shape)}, "
+                         f"W2 {tuple(w2.shape)}, out {tuple(out.shape)}")
+    if w_leak is not None and w_leak.shape != (D, D):
+        raise ValueError(f"the skip weight must be ({D}, {D}), got {tuple(w_leak.shape)}")
+    mats = [a, w1, w2, out] + ([w_leak] if w_leak is not None else [])
+    if any(x.stride(1) != 1 for x in mats):
+        raise ValueError("the fused feed-forward layers need rows with contiguous columns")
+    if len({x.dtype for x in mats}) != 1:
+        raise ValueError("A, the weights and out must share a dtype")
+    if M == 0:
+        return out
+    kernel = _kernels()[3]
+    block_n = max(16, triton.next_power_of_2(D))
+    leak = w_leak is not None
+
+    def launch(tile):
+        bm, bf, bk, warps, stages = tile
+        extra = dict(num_warps=warps) if _interpreting() else \
+            dict(num_warps=warps, num_stages=stages)
+        kernel[(triton.cdiv(M, bm),)](
+            a, a.stride(0), w1, w1.stride(0), b1, w2, w2.stride(0),
+            w_leak if leak else w1, w_leak.stride(0) if leak else 0, b2,
+            b_leak if leak else b2, gamma, beta, out, out.stride(0), M, D, F, float(eps),
+            HAS_LEAK=leak, EVEN=D % bk == 0 and F % bf == 0, BLOCK_M=bm, BLOCK_N=block_n,
+            BLOCK_F=bf, BLOCK_K=bk, PREC=_precision(a.dtype), **extra)
+
+    if _interpreting():
+        launch((16, 16, 16, 1, 1))
+    else:
+        tiles = MLP_TILES if block_n <= 256 else tuple(t for t in MLP_TILES if t[0] <= 32)
+        launch(_tile("mlp", tiles, (D, F, a.dtype, leak), launch, a.device))
+    return out
+
+
 def window_means(x: torch.Tensor, valid: torch.Tensor, pooled: torch.Tensor, B: int,
                  L: int) -> None:
     """pooled[b] = mean of x's rows b * L .. b * L + L - 1 where ``valid`` (B, L) uint8 is set,
@@ -284,5 +398,5 @@ def window_means(x: torch.Tensor, valid: torch.Tensor, pooled: torch.Tensor, B: 
                         num_warps=1 if _interpreting() else 4)
 
 
-__all__ = ["BIAS_TANH_TILES", "RESIDUAL_LN_TILES", "TUNE_ENV", "gemm_bias_tanh",
-           "gemm_residual_layernorm", "window_means"]
+__all__ = ["BIAS_TANH_TILES", "MLP_TILES", "RESIDUAL_LN_TILES", "TUNE_ENV", "gemm_bias_tanh",
+           "gemm_residual_layernorm", "mlp_residual_layernorm", "window_means"]

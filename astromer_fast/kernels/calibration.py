@@ -3,9 +3,12 @@
 The candidates are whole encoder paths, timed on the same windows at a few widths: ``plain``
 (the model under bf16 autocast, attention by ``backends.CUDA_DEFAULTS``: SDPA) and the fused GPU
 encoder (``model/fused_gpu.py``) with each attention it can run (``fused:sdpa``,
-``fused:triton:1`` and ``fused:triton:2`` for one or two pipeline stages, ``fused:cuda_tc``), and
-each of those again with the Triton GEMMs that end in the block's element-wise work
-(``fused-tg:...``, ``gemm="triton"``) instead of cuBLAS plus separate passes.
+``fused:triton:1`` and ``fused:triton:2`` for one or two pipeline stages, ``fused:cuda_tc``), all
+with cuBLAS GEMMs and Triton element-wise passes. A second round takes the fastest of those fused
+candidates' attention with Triton GEMMs instead: ``fused-tg:<attention>`` (the element-wise work
+in the GEMMs' epilogues, ``gemm="triton"``) and ``fused-mlp:<attention>`` (also both feed-forward
+layers in one kernel, ``gemm="triton_mlp"``). Two rounds rather than every pairing: the GEMMs and
+the attention are separate kernels, and each candidate costs compile time on the GPU.
 A candidate must first match the float32 plain model on the same windows (cosine of every window
 embedding, ``MIN_COSINE``); the fastest over all widths of those that passed is the choice.
 ``plain`` is always a candidate, so the default is never slower than SDPA on the widths measured.
@@ -37,7 +40,10 @@ CACHE_ENV = "ASTROMER_FAST_CACHE"
 CALIBRATE_ENV = "ASTROMER_FAST_CALIBRATE"
 TIMEOUT_ENV = "ASTROMER_FAST_CALIBRATE_TIMEOUT"
 _FUSED = ("sdpa", "triton:1", "triton:2", "cuda_tc")
-CANDIDATES = ("plain",) + tuple(f"{p}:{a}" for p in ("fused", "fused-tg") for a in _FUSED)
+_GEMM_PREFIX = {"fused": "cublas", "fused-tg": "triton", "fused-mlp": "triton_mlp"}
+ATTENTION_CANDIDATES = ("plain",) + tuple(f"fused:{a}" for a in _FUSED)
+CANDIDATES = ATTENTION_CANDIDATES + tuple(f"{p}:{a}" for p in ("fused-tg", "fused-mlp")
+                                          for a in _FUSED)
 WIDTHS = (48, 112, 200)
 MIN_COSINE = 0.995
 FORMAT = 2  # 2: choices name their GEMMs
@@ -100,15 +106,26 @@ def save(key: dict, result: dict) -> Path:
 
 def parse_candidate(name: str) -> dict:
     """``"fused-tg:triton:2"`` -> {"path": "fused", "attention": "triton", "stages": 2,
-    "gemm": "triton"}; ``fused:`` candidates take cuBLAS GEMMs."""
+    "gemm": "triton"}; ``fused:`` candidates take cuBLAS GEMMs, ``fused-mlp:`` the fused
+    feed-forward kernel."""
     parts = name.split(":")
     if parts == ["plain"]:
         return {"path": "plain", "attention": None, "stages": None, "gemm": None}
-    if parts[0] not in ("fused", "fused-tg") or len(parts) not in (2, 3):
+    if parts[0] not in _GEMM_PREFIX or len(parts) not in (2, 3):
         raise ValueError(f"unknown calibration candidate {name!r}")
     stages = int(parts[2]) if len(parts) == 3 else None
     return {"path": "fused", "attention": parts[1], "stages": stages,
-            "gemm": "triton" if parts[0] == "fused-tg" else "cublas"}
+            "gemm": _GEMM_PREFIX[parts[0]]}
+
+
+def gemm_candidates(rows: list[dict]) -> tuple[str, ...]:
+    """The second round: the fastest cuBLAS-GEMM fused candidate's attention with each Triton
+    GEMM form (none when no fused candidate passed the first round)."""
+    best = select([r for r in rows if r["candidate"].startswith("fused:")])
+    if best is None:
+        return ()
+    attention = best.split(":", 1)[1]
+    return (f"fused-tg:{attention}", f"fused-mlp:{attention}")
 
 
 def select(rows: list[dict]) -> str | None:
@@ -181,7 +198,7 @@ def _cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)
 
 
-def measure(model, device, candidates=CANDIDATES, widths=WIDTHS, batch: int = 1024,
+def measure(model, device, candidates=ATTENTION_CANDIDATES, widths=WIDTHS, batch: int = 1024,
             reps: int = 5, timer=None, log=None) -> list[dict]:
     """One row per (candidate, width): seconds (median), whether it passed the check against the
     float32 plain model, its worst cosine, and the error when it could not run."""
@@ -214,8 +231,9 @@ def measure(model, device, candidates=CANDIDATES, widths=WIDTHS, batch: int = 10
     return rows
 
 
-def calibrate(device="cuda", model=None, **kw) -> dict:
-    """Measures the candidates on ``device`` and caches the choice; returns the cached record."""
+def calibrate(device="cuda", model=None, candidates=None, **kw) -> dict:
+    """Measures the candidates on ``device`` (by default the two rounds of the module's
+    docstring) and caches the choice; returns the cached record."""
     device = torch.device(device)
     key = calibration_key(device)
     if model is None:
@@ -224,7 +242,11 @@ def calibrate(device="cuda", model=None, **kw) -> dict:
 
         model = Astromer.from_pretrained(packaged_model_path(None))
     t0 = time.perf_counter()
-    rows = measure(model, device, **kw)
+    if candidates is None:
+        rows = measure(model, device, ATTENTION_CANDIDATES, **kw)
+        rows += measure(model, device, gemm_candidates(rows), **kw)
+    else:
+        rows = measure(model, device, candidates, **kw)
     best = select(rows)
     result = {"choice": parse_candidate(best) if best else None, "candidate": best,
               "rows": rows, "seconds": round(time.perf_counter() - t0, 1),
@@ -264,5 +286,6 @@ def _calibrate_in_child(device, key) -> dict | None:
     return data
 
 
-__all__ = ["CANDIDATES", "cache_dir", "cache_path", "cached_choice", "calibrate",
-           "calibration_key", "load", "measure", "parse_candidate", "save", "select"]
+__all__ = ["ATTENTION_CANDIDATES", "CANDIDATES", "cache_dir", "cache_path", "cached_choice",
+           "calibrate", "calibration_key", "gemm_candidates", "load", "measure", "parse_candidate",
+           "save", "select"]

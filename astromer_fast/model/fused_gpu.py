@@ -21,8 +21,10 @@ which is how the class runs on CPU tensors without ``TRITON_INTERPRET=1``.
 ``gemm="triton"`` folds the three passes into the GEMMs before them
 (``kernels/_triton_fused_gemm.py``): the output projection and the second feed-forward layer end
 in the residual + LayerNorm, the first feed-forward layer in bias + tanh, and the window means are
-a separate small pass. Only the fused QKV projection stays with cuBLAS (its bias is cuBLAS's own
-epilogue). Which of ``cublas`` and ``triton`` is faster is for the calibration to measure.
+a separate small pass. ``gemm="triton_mlp"`` also fuses the two feed-forward layers into one
+kernel, so the hidden layer U never reaches memory. Only the fused QKV projection stays with
+cuBLAS (its bias is cuBLAS's own epilogue). Which GEMMs are fastest is for the calibration to
+measure.
 
 Activations are bf16 on CUDA (float32 accumulation, LayerNorm statistics, softmax and pooling in
 float32), like the plain model under autocast; ``dtype=torch.float32`` is for the interpreter
@@ -42,7 +44,7 @@ from astromer_fast.kernels.masked_attention import attention_bias, masked_attent
 
 ATTENTIONS = ("sdpa", "triton", "cuda_tc", "torch")
 ELEMENTWISE = ("triton", "torch")
-GEMMS = ("cublas", "triton")
+GEMMS = ("cublas", "triton", "triton_mlp")
 GPU_PATHS = ("fused", "plain")
 GPU_PATH_ENV = "ASTROMER_FAST_GPU_PATH"
 ATTENTION_ENV = "ASTROMER_FAST_GPU_ATTENTION"
@@ -162,7 +164,7 @@ class FusedGpuEncoder:
         if self.gemm not in GEMMS:
             raise ValueError(f"gemm must be one of {GEMMS}, got {self.gemm!r} "
                              f"(argument or ${GEMM_ENV})")
-        if "triton" in (self.elementwise, self.attention, self.gemm):
+        if "triton" in (self.elementwise, self.attention) or self.gemm != "cublas":
             from astromer_fast.kernels.backends import unavailable_reason
 
             if self.dtype == torch.float64:
@@ -279,7 +281,7 @@ class FusedGpuEncoder:
             w = valid.unsqueeze(-1).to(acc)
             pooled[:, 0] = (x.to(acc) * w).sum(1) / w.sum(1).clamp_min(1)
         x = x.reshape(N, D).to(dt)
-        if self.gemm == "triton":
+        if self.gemm != "cublas":
             return self._blocks_triton_gemm(x, hidden, kh, allh, valid_u8, pooled, B, L, layers)
         o = torch.empty(N, D, dtype=dt, device=self.device)
         a = torch.empty(N, D, dtype=dt, device=self.device)
@@ -312,12 +314,18 @@ class FusedGpuEncoder:
             self._attend(y, hidden, kh, allh, o, B, L)
             tg.gemm_residual_layernorm(o, blk.w_o, blk.b_o, y[:, 3 * D:] if self.leak else None,
                                        None, *blk.ln1, cfg.ln_eps, a)
-            u = tg.gemm_bias_tanh(a, blk.w_f1, blk.b_f1, dff)
             x = torch.empty(N, D, dtype=self.dtype, device=self.device)
-            tg.gemm_residual_layernorm(u[:, :dff], blk.w_f2, blk.b_f2,
-                                       u[:, dff:] if self.leak else None,
-                                       blk.b_leak2 if self.leak else None, *blk.ln2,
-                                       cfg.ln_eps, x)
+            if self.gemm == "triton_mlp":
+                tg.mlp_residual_layernorm(a, blk.w_f1[:, :dff], blk.b_f1, blk.w_f2, blk.b_f2,
+                                          blk.w_f1[:, dff:] if self.leak else None,
+                                          blk.b_leak2 if self.leak else None, *blk.ln2,
+                                          cfg.ln_eps, x)
+            else:
+                u = tg.gemm_bias_tanh(a, blk.w_f1, blk.b_f1, dff)
+                tg.gemm_residual_layernorm(u[:, :dff], blk.w_f2, blk.b_f2,
+                                           u[:, dff:] if self.leak else None,
+                                           blk.b_leak2 if self.leak else None, *blk.ln2,
+                                           cfg.ln_eps, x)
             if layers or i == len(self.blocks) - 1:
                 tg.window_means(x, valid_u8, pooled[:, i + 1 if layers else 0], B, L)
         return pooled if layers else pooled[:, 0]
