@@ -114,7 +114,8 @@ def model_only_variants(model, device, compile_ref: bool, precision: str,
         for path, att, gemm in (("plain", "", ""), ("fused", "sdpa", ""), ("fused", "triton", ""),
                                 ("fused", "cuda_tc", ""), ("fused", "sdpa", "triton"),
                                 ("fused", "triton", "triton"), ("fused", "sdpa", "triton_mlp"),
-                                ("fused", "triton", "triton_mlp")):
+                                ("fused", "triton", "triton_mlp"),
+                                ("fused", "triton", "triton_block")):
             env = {"ASTROMER_FAST_GPU_PATH": path,
                    **({"ASTROMER_FAST_GPU_ATTENTION": att} if att else {}),
                    **({"ASTROMER_FAST_GPU_GEMM": gemm} if gemm else {})}

@@ -137,6 +137,10 @@ def variants(device, compile_ref):  # compile_ref: False, True or a torch.compil
                          fused_gpu_variant(att, stages, graphs=True, gemm="triton")),
                         (name + ", Triton GEMMs + fused MLP, CUDA graphs",
                          fused_gpu_variant(att, stages, graphs=True, gemm="triton_mlp"))]
+            if att == "triton":
+                # Attention + output projection + LN1 as one kernel, then the fused MLP.
+                out.append((name + ", Triton block kernels, CUDA graphs",
+                            fused_gpu_variant(att, stages, graphs=True, gemm="triton_block")))
         # Candidates for the attention default, the other ops on their defaults: Triton's tl.dot
         # kernels and the CUDA tensor-core (WMMA) kernels, both bf16 on tensor cores.
         out += [("astromer_fast defaults, bf16", ours_plain_variant("bf16")),

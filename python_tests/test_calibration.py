@@ -106,7 +106,8 @@ def test_calibration_tries_the_triton_gemms_with_the_fastest_fused_attention(cac
     torch.manual_seed(0)
     model = Astromer(AstromerConfig(n_blocks=1, d_model=32, n_heads=2, dff=64)).eval()
     fake = {"plain": 3.0, "fused:sdpa": 2.0, "fused:triton:1": 1.0, "fused:triton:2": 1.5,
-            "fused:cuda_tc": None, "fused-tg:triton:1": 0.9, "fused-mlp:triton:1": 0.7}
+            "fused:cuda_tc": None, "fused-tg:triton:1": 0.9, "fused-mlp:triton:1": 0.7,
+            "fused-block:triton:1": 0.8, "fused-block:triton:2": None}
     measured = []
 
     def runner(model, name, device):
@@ -118,12 +119,16 @@ def test_calibration_tries_the_triton_gemms_with_the_fastest_fused_attention(cac
     monkeypatch.setattr(cal, "_runner", runner)
     result = cal.calibrate("cpu", model, widths=(9,), batch=8, reps=1,
                            timer=lambda fn, device, reps: fake[measured[-1]])
-    assert measured == list(cal.ATTENTION_CANDIDATES) + ["fused-tg:triton:1",
-                                                         "fused-mlp:triton:1"]
+    assert measured == list(cal.ATTENTION_CANDIDATES) + [
+        "fused-tg:triton:1", "fused-mlp:triton:1", "fused-block:triton:1", "fused-block:triton:2"]
     assert result["candidate"] == "fused-mlp:triton:1"
     assert result["choice"] == {"path": "fused", "attention": "triton", "stages": 1,
                                 "gemm": "triton_mlp"}
     assert cal.gemm_candidates([row("plain", 9, 1.0)]) == ()
+    # Without a working Triton attention, no one-kernel attention half.
+    assert cal.gemm_candidates([row("fused:sdpa", 9, 1.0), row("fused:triton:1", 9, 0.5, False)]) \
+        == ("fused-tg:sdpa", "fused-mlp:sdpa")
+    assert cal.parse_candidate("fused-block:triton:2")["gemm"] == "triton_block"
 
 
 def test_a_wrong_candidate_fails_the_check(cache, monkeypatch):

@@ -144,7 +144,7 @@ def test_triton_passes_under_interpreter_match_float64(run_triton_interpreted):
 
 _INTERPRETED_GEMMS = textwrap.dedent(
     """
-    import json, sys
+    import json, math, sys
     import torch
     import torch.nn.functional as F
     sys.path.insert(0, sys.argv[1])
@@ -192,12 +192,39 @@ _INTERPRETED_GEMMS = textwrap.dedent(
             z = z + a.double() @ w[:, F_:].double() + bl.double()
         want = F.layer_norm(z, (D,), gamma.double(), beta.double(), 1e-6)
         errs[f"mlp {M}x{D}x{F_} leak={leak}"] = (out.double() - want).abs().max().item()
+    # The attention half in one kernel: every mask case of make_windows, both rules, skipping on
+    # and off, with and without the skip path.
+    from astromer_fast.kernels.masked_attention import _torch_fwd
+    H, hd = 2, 16
+    D = H * hd
+    for L in (1, 7, 37):
+        t, m, valid = make_windows(L=L, seed=L)
+        B = t.shape[0]
+        hidden = ~valid
+        kh = hidden.contiguous().view(torch.uint8)
+        allh = hidden.all(1).contiguous().view(torch.uint8)
+        y = torch.randn(B * L, 4 * D, generator=g)
+        w_o, b_o = torch.randn(D, D, generator=g) * 0.3, torch.randn(D, generator=g)
+        gamma, beta = torch.rand(D, generator=g) + 0.5, torch.randn(D, generator=g)
+        q, k, v = (y[:, i * D:(i + 1) * D].double().view(B, L, H, hd).transpose(1, 2)
+                   for i in range(3))
+        for rule_id, rule in enumerate(("key", "query_or_key_plus1")):
+            o = _torch_fwd(q, k, v, hidden, rule)[0].transpose(1, 2).reshape(B * L, D)
+            for skip, res in ((True, True), (False, False)):
+                z = o @ w_o.double() + b_o.double() + (y[:, 3 * D:].double() if res else 0)
+                want = F.layer_norm(z, (D,), gamma.double(), beta.double(), 1e-6)
+                out = torch.full((B * L, D), float("nan"))
+                tg.attention_out_layernorm(y, kh, allh, w_o, b_o, y[:, 3 * D:] if res else None,
+                                           gamma, beta, 1e-6, out, B, L, H, rule_id,
+                                           1 / math.sqrt(hd), skip=skip)
+                errs[f"attention_out L={L} {rule} skip={skip}"] = \
+                    (out.double() - want).abs().max().item()
     for preset in ("astromer2", "astromer1"):
         model = make_model(preset)
         t, m, valid = make_windows()
         want = model.embed_windows(t, m, valid, layers=True, backend="torch")
         for attention, gemm in (("torch", "triton"), ("triton", "triton"),
-                                ("triton", "triton_mlp")):
+                                ("triton", "triton_mlp"), ("triton", "triton_block")):
             enc = FusedGpuEncoder(make_model(preset, torch.float32), attention=attention,
                                   elementwise="triton", gemm=gemm)
             got = enc(t.float(), m.float(), valid, layers=True)
@@ -212,7 +239,7 @@ _INTERPRETED_GEMMS = textwrap.dedent(
 
 def test_triton_gemms_with_epilogues_under_interpreter_match_float64(run_triton_interpreted):
     errs = run_triton_interpreted(_INTERPRETED_GEMMS)
-    assert len(errs) == 15, errs
+    assert len(errs) == 29, errs
     assert max(errs.values()) < 5e-6, errs
 
 
@@ -223,6 +250,8 @@ def test_gemm_choice_is_checked():
     with pytest.raises(ValueError, match="float64"):
         FusedGpuEncoder(make_model("astromer2"), attention="torch", gemm="triton",
                         dtype=torch.float64)
+    with pytest.raises(ValueError, match="attention='triton'"):
+        FusedGpuEncoder(model, attention="sdpa", gemm="triton_block")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -236,6 +265,8 @@ def test_gemm_choice_is_checked():
 @pytest.mark.parametrize("attention", [a for a in ATTENTIONS if a != "torch"])
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_gpu_bf16_matches_float32_plain_model(attention, preset, gemm):
+    if gemm == "triton_block" and attention != "triton":
+        pytest.skip("gemm='triton_block' runs its own Triton attention")
     cfg = AstromerConfig.preset(preset, n_heads=4) if preset == "astromer2" else \
         AstromerConfig.preset(preset)
     torch.manual_seed(0)

@@ -56,7 +56,8 @@ def compile_only(self, *args, grid, warmup, **kwargs):
     # The bf16 GEMMs must reach Hopper's asynchronous warpgroup MMA, not the older mma.sync,
     # wherever a tile has the 64 rows per warpgroup it takes (narrower tiles are the tuner's
     # mma.sync alternatives).
-    if self.__name__ in ("_gemm_bias_tanh", "_gemm_residual_ln", "_mlp_residual_ln") and \
+    if self.__name__ in ("_gemm_bias_tanh", "_gemm_residual_ln", "_mlp_residual_ln",
+                         "_attention_out_ln") and \
             args[0].dtype == torch.bfloat16 and kwargs["BLOCK_M"] >= 64:
         assert "wgmma.mma_async" in kernel.asm["ptx"], (self.__name__, kwargs)
     return kernel
@@ -131,6 +132,12 @@ for dtype in (torch.float32, torch.bfloat16):
                                   bias, g, bias, 1e-6, o.clone())
         tg.mlp_residual_layernorm(o, w_f1[:, :DFF], torch.zeros(DFF), w_f2, bias, None, None, g,
                                   bias, 1e-6, o.clone())
+        allh = torch.zeros(B, dtype=torch.uint8)
+        for rule in (0, 1):
+            tg.attention_out_layernorm(y, kh, allh, w_o, bias, y[:, 3 * D:], g, bias, 1e-6,
+                                       o.clone(), B, L, H, rule, 0.125)
+        tg.attention_out_layernorm(y, kh, allh, w_o, bias, None, g, bias, 1e-6, o.clone(), B, L,
+                                   H, 0, 0.125)
 print(json.dumps(compiled))
 """
 
@@ -148,6 +155,7 @@ def test_every_triton_kernel_compiles_for_sm90(tmp_path):
     assert names >= {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_bwd_delta_kernel",
                      "_wrmse_windows", "_wrmse_reduce", "_input_embedding_fwd",
                      "_flash_fwd", "_bias_tanh", "_residual_ln", "_gemm_bias_tanh",
-                     "_gemm_residual_ln", "_window_means", "_mlp_residual_ln"}, names
+                     "_gemm_residual_ln", "_window_means", "_mlp_residual_ln",
+                     "_attention_out_ln"}, names
     # Hopper gives a block at most 227 KiB of shared memory; a kernel over it fails at launch.
     assert max(shared for _, shared, _ in compiled) <= 227 * 1024, compiled

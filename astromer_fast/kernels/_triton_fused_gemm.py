@@ -13,6 +13,10 @@ Astromer 2), so that extra round trip through memory is of the same order as the
 * ``mlp_residual_layernorm``: the whole feed-forward half of the block in one kernel,
   OUT = LN(tanh(A W1 + b1) W2 + b2 + A Wleak + bleak) * g + beta: the hidden layer is produced
   and consumed a column slice at a time in registers, never written (``gemm="triton_mlp"``).
+* ``attention_out_layernorm``: the attention half of the block in one kernel,
+  OUT = LN(attention(Y) Wo + bo + R) * g + beta: per head, the flash-style loop of
+  ``_triton_fused_block`` (same masks, same skipping), its output multiplied into the output
+  projection's accumulator at once; O never reaches memory (``gemm="triton_block"``).
 * ``window_means``: the per-window mean of a (B * L, D) activation over the valid rows, float32
   sums, one program per window (deterministic: no atomics).
 
@@ -41,6 +45,8 @@ BIAS_TANH_TILES = ((128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 
 RESIDUAL_LN_TILES = ((64, 64, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4), (128, 64, 8, 2))
 # (BLOCK_M, BLOCK_F, BLOCK_K, num_warps, num_stages) of the fused feed-forward layers.
 MLP_TILES = ((64, 64, 64, 8, 2), (64, 128, 64, 8, 2), (32, 64, 64, 4, 3), (128, 64, 64, 8, 2))
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) of the attention + output projection kernel.
+ATTENTION_OUT_TILES = ((64, 64, 8, 1), (64, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 1))
 
 
 def _gemm_bias_tanh(
@@ -186,6 +192,78 @@ def _mlp_residual_ln(
     tl.store(o_ptr, y.to(OUT.dtype.element_ty), mask=mask)
 
 
+def _attention_out_ln(
+    Y, ldy, KH, ALLH, WO, ldwo, BO, R, ldr, G, BETA, OUT, ldo, H, L, D, scale, eps,
+    RULE: tl.constexpr, SKIP: tl.constexpr, HAS_RES: tl.constexpr, HD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+):
+    # The flash loop is _triton_fused_block._flash_fwd's, per head; each head's output is the
+    # head's slice of the output projection's K dimension, so it goes straight into Z.
+    b = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    row0 = b.to(tl.int64) * L
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HD)
+    cols = tl.arange(0, BLOCK_D)
+    mmask = offs_m < L
+    cmask = cols < D
+    qh = tl.load(KH + row0 + offs_m, mask=mmask, other=1) != 0
+    allh = tl.load(ALLH + b) != 0
+    z = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for h in range(0, H):
+        q = tl.load(Y + (row0 + offs_m)[:, None] * ldy + (h * HD + offs_d)[None, :],
+                    mask=mmask[:, None], other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HD], tl.float32)
+        for start_n in range(0, L, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            nmask = offs_n < L
+            kh = tl.load(KH + row0 + offs_n, mask=nmask, other=1) != 0
+            visit = True
+            if SKIP:
+                n_open = tl.sum((nmask & (kh == 0)).to(tl.int32), 0)
+                visit = (n_open > 0) | allh
+            if visit:
+                kv_rows = (row0 + offs_n)[:, None] * ldy
+                k = tl.load(Y + kv_rows + (D + h * HD + offs_d)[None, :], mask=nmask[:, None],
+                            other=0.0)
+                v = tl.load(Y + kv_rows + (2 * D + h * HD + offs_d)[None, :],
+                            mask=nmask[:, None], other=0.0)
+                s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+                if RULE == 0:
+                    b1 = tl.where(kh, -1e9, 0.0)
+                    b2 = tl.where(kh & allh, 1e9, 0.0)
+                    s = (s + b1[None, :]) + b2[None, :]
+                else:
+                    s = s + tl.where(qh[:, None] | kh[None, :], 1.0, 0.0)
+                s = tl.where(nmask[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                alpha = tl.exp(m_i - m_new)
+                p = tl.exp(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+                m_i = m_new
+        o = acc / l_i[:, None]
+        wo = tl.load(WO + (h * HD + offs_d)[:, None] * ldwo + cols[None, :],
+                     mask=cmask[None, :], other=0.0)
+        z = tl.dot(o.to(wo.dtype), wo, z, input_precision=PREC)
+    mask = mmask[:, None] & cmask[None, :]
+    z += tl.load(BO + cols, mask=cmask, other=0.0)[None, :]
+    if HAS_RES:
+        z += tl.load(R + (row0 + offs_m)[:, None] * ldr + cols[None, :], mask=mask,
+                     other=0.0).to(tl.float32)
+    mean = tl.sum(tl.where(cmask[None, :], z, 0.0), 1) / D
+    zc = tl.where(cmask[None, :], z - mean[:, None], 0.0)
+    var = tl.sum(zc * zc, 1) / D
+    rstd = 1.0 / tl.sqrt(var + eps)
+    g = tl.load(G + cols, mask=cmask, other=0.0)
+    beta = tl.load(BETA + cols, mask=cmask, other=0.0)
+    y = zc * rstd[:, None] * g[None, :] + beta[None, :]
+    tl.store(OUT + (row0 + offs_m)[:, None] * ldo + cols[None, :], y.to(OUT.dtype.element_ty),
+             mask=mask)
+
+
 def _window_means(X, ldx, VALID, POOL, ldp, L, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     b = tl.program_id(0)
     row0 = b.to(tl.int64) * L
@@ -220,7 +298,7 @@ def _kernels():
     if ks is None:
         ks = _cache[interp] = tuple(triton.jit(f) for f in
                                     (_gemm_bias_tanh, _gemm_residual_ln, _window_means,
-                                     _mlp_residual_ln))
+                                     _mlp_residual_ln, _attention_out_ln))
     return ks
 
 
@@ -384,6 +462,53 @@ def mlp_residual_layernorm(a: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
     return out
 
 
+def attention_out_layernorm(y: torch.Tensor, kh: torch.Tensor, all_hidden: torch.Tensor,
+                            w_o: torch.Tensor, b_o: torch.Tensor, res, gamma: torch.Tensor,
+                            beta: torch.Tensor, eps: float, out: torch.Tensor, B: int, L: int,
+                            H: int, rule: int, scale: float, skip: bool = True) -> torch.Tensor:
+    """out = LN(attention(q, k, v) @ w_o + b_o + res) * gamma + beta: the attention half of the
+    block in one kernel. q, k, v are the columns [0, D), [D, 2D), [2D, 3D) of Y (B * L rows,
+    window after window), masked as ``_triton_fused_block.attention`` does (``kh`` (B, L) and
+    ``all_hidden`` (B,) uint8, ``rule`` 0 = key, 1 = query_or_key_plus1; ``skip`` leaves out
+    fully hidden key blocks under the key rule); ``w_o`` (D, D) row-major; ``res`` may be None."""
+    D = out.shape[1]
+    hd = D // H
+    if hd * H != D or hd % 16 or hd > 256 or hd & (hd - 1):
+        raise ValueError(f"the fused attention needs a power-of-two head size 16..256, got "
+                         f"{D} / {H}")
+    if y.shape[0] != B * L or y.shape[1] < 3 * D or out.shape[0] != B * L or \
+            w_o.shape != (D, D):
+        raise ValueError(f"shapes do not chain: Y {tuple(y.shape)}, W_o {tuple(w_o.shape)}, "
+                         f"out {tuple(out.shape)} for {B} windows of {L}")
+    mats = [y, w_o, out] + ([res] if res is not None else [])
+    if any(x.stride(1) != 1 for x in mats):
+        raise ValueError("the fused attention needs rows with contiguous columns")
+    if B * L == 0:
+        return out
+    kernel = _kernels()[4]
+    block_d = max(16, triton.next_power_of_2(D))
+
+    def launch(tile):
+        bm, bn, warps, stages = tile
+        extra = dict(num_warps=warps) if _interpreting() else \
+            dict(num_warps=warps, num_stages=stages)
+        kernel[(B, triton.cdiv(L, bm))](
+            y, y.stride(0), kh, all_hidden, w_o, w_o.stride(0), b_o,
+            res if res is not None else y, res.stride(0) if res is not None else 0,
+            gamma, beta, out, out.stride(0), H, L, D, float(scale), float(eps),
+            RULE=rule, SKIP=bool(skip and rule == 0), HAS_RES=res is not None, HD=hd,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, PREC=_precision(y.dtype), **extra)
+
+    if _interpreting():
+        launch((16, 16, 1, 1))
+    else:
+        tiles = ATTENTION_OUT_TILES if block_d <= 256 else \
+            tuple(t for t in ATTENTION_OUT_TILES if t[0] <= 32) or ((32, 32, 4, 1),)
+        launch(_tile("attention_out", tiles, (D, H, y.dtype, rule, res is not None), launch,
+                     y.device))
+    return out
+
+
 def window_means(x: torch.Tensor, valid: torch.Tensor, pooled: torch.Tensor, B: int,
                  L: int) -> None:
     """pooled[b] = mean of x's rows b * L .. b * L + L - 1 where ``valid`` (B, L) uint8 is set,
@@ -398,5 +523,6 @@ def window_means(x: torch.Tensor, valid: torch.Tensor, pooled: torch.Tensor, B: 
                         num_warps=1 if _interpreting() else 4)
 
 
-__all__ = ["BIAS_TANH_TILES", "MLP_TILES", "RESIDUAL_LN_TILES", "TUNE_ENV", "gemm_bias_tanh",
-           "gemm_residual_layernorm", "mlp_residual_layernorm", "window_means"]
+__all__ = ["ATTENTION_OUT_TILES", "BIAS_TANH_TILES", "MLP_TILES", "RESIDUAL_LN_TILES",
+           "TUNE_ENV", "attention_out_layernorm", "gemm_bias_tanh", "gemm_residual_layernorm",
+           "mlp_residual_layernorm", "window_means"]

@@ -7,8 +7,10 @@ encoder (``model/fused_gpu.py``) with each attention it can run (``fused:sdpa``,
 with cuBLAS GEMMs and Triton element-wise passes. A second round takes the fastest of those fused
 candidates' attention with Triton GEMMs instead: ``fused-tg:<attention>`` (the element-wise work
 in the GEMMs' epilogues, ``gemm="triton"``) and ``fused-mlp:<attention>`` (also both feed-forward
-layers in one kernel, ``gemm="triton_mlp"``). Two rounds rather than every pairing: the GEMMs and
-the attention are separate kernels, and each candidate costs compile time on the GPU.
+layers in one kernel, ``gemm="triton_mlp"``), plus ``fused-block:triton:1`` and
+``fused-block:triton:2`` (attention, output projection and LN1 in one kernel too, three launches
+per block, ``gemm="triton_block"``). Two rounds rather than every pairing: the GEMMs and the
+attention are separate kernels, and each candidate costs compile time on the GPU.
 A candidate must first match the float32 plain model on the same windows (cosine of every window
 embedding, ``MIN_COSINE``); the fastest over all widths of those that passed is the choice.
 ``plain`` is always a candidate, so the default is never slower than SDPA on the widths measured.
@@ -40,10 +42,12 @@ CACHE_ENV = "ASTROMER_FAST_CACHE"
 CALIBRATE_ENV = "ASTROMER_FAST_CALIBRATE"
 TIMEOUT_ENV = "ASTROMER_FAST_CALIBRATE_TIMEOUT"
 _FUSED = ("sdpa", "triton:1", "triton:2", "cuda_tc")
-_GEMM_PREFIX = {"fused": "cublas", "fused-tg": "triton", "fused-mlp": "triton_mlp"}
+_GEMM_PREFIX = {"fused": "cublas", "fused-tg": "triton", "fused-mlp": "triton_mlp",
+                "fused-block": "triton_block"}
+_BLOCK = ("fused-block:triton:1", "fused-block:triton:2")
 ATTENTION_CANDIDATES = ("plain",) + tuple(f"fused:{a}" for a in _FUSED)
 CANDIDATES = ATTENTION_CANDIDATES + tuple(f"{p}:{a}" for p in ("fused-tg", "fused-mlp")
-                                          for a in _FUSED)
+                                          for a in _FUSED) + _BLOCK
 WIDTHS = (48, 112, 200)
 MIN_COSINE = 0.995
 FORMAT = 2  # 2: choices name their GEMMs
@@ -120,12 +124,16 @@ def parse_candidate(name: str) -> dict:
 
 def gemm_candidates(rows: list[dict]) -> tuple[str, ...]:
     """The second round: the fastest cuBLAS-GEMM fused candidate's attention with each Triton
-    GEMM form (none when no fused candidate passed the first round)."""
+    GEMM form (none when no fused candidate passed the first round), and the one-kernel
+    attention half when the Triton attention passed it."""
     best = select([r for r in rows if r["candidate"].startswith("fused:")])
     if best is None:
         return ()
     attention = best.split(":", 1)[1]
-    return (f"fused-tg:{attention}", f"fused-mlp:{attention}")
+    out = (f"fused-tg:{attention}", f"fused-mlp:{attention}")
+    if select([r for r in rows if r["candidate"].startswith("fused:triton")]) is not None:
+        out += _BLOCK
+    return out
 
 
 def select(rows: list[dict]) -> str | None:

@@ -22,8 +22,10 @@ which is how the class runs on CPU tensors without ``TRITON_INTERPRET=1``.
 (``kernels/_triton_fused_gemm.py``): the output projection and the second feed-forward layer end
 in the residual + LayerNorm, the first feed-forward layer in bias + tanh, and the window means are
 a separate small pass. ``gemm="triton_mlp"`` also fuses the two feed-forward layers into one
-kernel, so the hidden layer U never reaches memory. Only the fused QKV projection stays with
-cuBLAS (its bias is cuBLAS's own epilogue). Which GEMMs are fastest is for the calibration to
+kernel, so the hidden layer U never reaches memory. ``gemm="triton_block"`` (with
+``attention="triton"``) also runs the attention, the output projection and LN1 as one kernel, so
+a block is three launches: the QKV GEMM, the attention half, the feed-forward half. Only the
+fused QKV projection stays with cuBLAS (its bias is cuBLAS's own epilogue). Which GEMMs are fastest is for the calibration to
 measure.
 
 Activations are bf16 on CUDA (float32 accumulation, LayerNorm statistics, softmax and pooling in
@@ -44,7 +46,7 @@ from astromer_fast.kernels.masked_attention import attention_bias, masked_attent
 
 ATTENTIONS = ("sdpa", "triton", "cuda_tc", "torch")
 ELEMENTWISE = ("triton", "torch")
-GEMMS = ("cublas", "triton", "triton_mlp")
+GEMMS = ("cublas", "triton", "triton_mlp", "triton_block")
 GPU_PATHS = ("fused", "plain")
 GPU_PATH_ENV = "ASTROMER_FAST_GPU_PATH"
 ATTENTION_ENV = "ASTROMER_FAST_GPU_ATTENTION"
@@ -164,6 +166,9 @@ class FusedGpuEncoder:
         if self.gemm not in GEMMS:
             raise ValueError(f"gemm must be one of {GEMMS}, got {self.gemm!r} "
                              f"(argument or ${GEMM_ENV})")
+        if self.gemm == "triton_block" and self.attention != "triton":
+            raise ValueError(f"gemm='triton_block' runs its own Triton attention: it takes "
+                             f"attention='triton', not {self.attention!r}")
         if "triton" in (self.elementwise, self.attention) or self.gemm != "cublas":
             from astromer_fast.kernels.backends import unavailable_reason
 
@@ -309,13 +314,21 @@ class FusedGpuEncoder:
         D, dff, N = cfg.d_model, cfg.dff, B * L
         o = torch.empty(N, D, dtype=self.dtype, device=self.device)
         a = torch.empty(N, D, dtype=self.dtype, device=self.device)
+        H = cfg.n_heads
         for i, blk in enumerate(self.blocks):
             y = torch.addmm(blk.b_in, x, blk.w_in)
-            self._attend(y, hidden, kh, allh, o, B, L)
-            tg.gemm_residual_layernorm(o, blk.w_o, blk.b_o, y[:, 3 * D:] if self.leak else None,
-                                       None, *blk.ln1, cfg.ln_eps, a)
+            if self.gemm == "triton_block":
+                tg.attention_out_layernorm(y, kh, allh, blk.w_o, blk.b_o,
+                                           y[:, 3 * D:] if self.leak else None, *blk.ln1,
+                                           cfg.ln_eps, a, B, L, H, _RULE_ID[cfg.mask_rule],
+                                           1.0 / math.sqrt(D // H))
+            else:
+                self._attend(y, hidden, kh, allh, o, B, L)
+                tg.gemm_residual_layernorm(o, blk.w_o, blk.b_o,
+                                           y[:, 3 * D:] if self.leak else None, None, *blk.ln1,
+                                           cfg.ln_eps, a)
             x = torch.empty(N, D, dtype=self.dtype, device=self.device)
-            if self.gemm == "triton_mlp":
+            if self.gemm in ("triton_mlp", "triton_block"):
                 tg.mlp_residual_layernorm(a, blk.w_f1[:, :dff], blk.b_f1, blk.w_f2, blk.b_f2,
                                           blk.w_f1[:, dff:] if self.leak else None,
                                           blk.b_leak2 if self.leak else None, *blk.ln2,
