@@ -131,16 +131,18 @@ def variants(device, compile_ref):  # compile_ref: False, True or a torch.compil
                 (f" ({stages} stage{'s' if stages > 1 else ''})" if stages else "")
             out += [(name, fused_gpu_variant(att, stages, graphs=False)),
                     (name + ", CUDA graphs", fused_gpu_variant(att, stages, graphs=True))]
-            if stages != 2:
-                # The element-wise passes in the Triton GEMMs' epilogues instead of cuBLAS.
-                out += [(name + ", Triton GEMMs, CUDA graphs",
-                         fused_gpu_variant(att, stages, graphs=True, gemm="triton")),
-                        (name + ", Triton GEMMs + fused MLP, CUDA graphs",
-                         fused_gpu_variant(att, stages, graphs=True, gemm="triton_mlp"))]
-            if att == "triton":
+            if att in ("sdpa", "triton") and stages != 2:
+                # The Triton GEMM forms, eager (beside the eager cuBLAS row above): every graphed
+                # variant keeps its batches' activations alive, and GPU memory bounds how many
+                # one process may hold.
+                out += [(name + ", Triton GEMMs", fused_gpu_variant(att, stages, graphs=False,
+                                                                    gemm="triton")),
+                        (name + ", Triton GEMMs + fused MLP",
+                         fused_gpu_variant(att, stages, graphs=False, gemm="triton_mlp"))]
+            if att == "triton" and stages == 1:
                 # Attention + output projection + LN1 as one kernel, then the fused MLP.
-                out.append((name + ", Triton block kernels, CUDA graphs",
-                            fused_gpu_variant(att, stages, graphs=True, gemm="triton_block")))
+                out.append((name + ", Triton block kernels",
+                            fused_gpu_variant(att, stages, graphs=False, gemm="triton_block")))
         # Candidates for the attention default, the other ops on their defaults: Triton's tl.dot
         # kernels and the CUDA tensor-core (WMMA) kernels, both bf16 on tensor cores.
         out += [("astromer_fast defaults, bf16", ours_plain_variant("bf16")),
