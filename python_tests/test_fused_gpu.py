@@ -243,6 +243,47 @@ def test_triton_gemms_with_epilogues_under_interpreter_match_float64(run_triton_
     assert max(errs.values()) < 5e-6, errs
 
 
+def test_gemm_tiling_tuner_keeps_the_fastest_that_runs(monkeypatch):
+    from astromer_fast.kernels import _triton_fused_gemm as tg
+
+    cost = {"a": 3.0, "b": 1.0, "c": 2.0, "too big": None}
+    timed = []
+
+    def launch(tile):
+        if cost[tile] is None:
+            raise RuntimeError("out of shared memory")
+        timed.append(tile)
+
+    class Event:  # elapsed time of the tile launched last
+        def __init__(self, enable_timing):
+            pass
+
+        def record(self):
+            pass
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return cost[timed[-1]]
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(tg, "_tuned", {})
+    monkeypatch.delenv(tg.TUNE_ENV, raising=False)
+    cuda = torch.device("cuda")  # only its type is read: nothing runs on it
+    tiles = ("a", "too big", "b", "c")
+    assert tg._tile("k", tiles, (1,), launch, cuda) == "b"
+    assert tg._tile("k", tiles, (1,), lambda tile: 1 / 0, cuda) == "b"  # kept, not re-timed
+    assert tg._tile("k", tiles, (1,), launch, torch.device("cpu")) == "a"
+    monkeypatch.setenv(tg.TUNE_ENV, "0")
+    assert tg._tile("k", tiles, (2,), launch, cuda) == "a"
+    monkeypatch.delenv(tg.TUNE_ENV)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert tg._tile("k", tiles, (3,), launch, cuda) == "a"  # no timing inside a graph capture
+    assert ("k", 3, "cuda") not in tg._tuned
+
+
 def test_gemm_choice_is_checked():
     model = make_model("astromer2", torch.float32)
     with pytest.raises(ValueError, match="gemm must be one of"):
