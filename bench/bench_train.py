@@ -10,9 +10,11 @@ Ratios are against the first row: the plain model (bf16 autocast on CUDA) with e
 PyTorch and the attention through SDPA with the key mask (``backend="sdpa"``), the eager reference
 of the training-speed goal. The others: the fused training forward (``gpu_path="fused"``,
 ``astromer_fast.model.fused_gpu_train``), the loop's defaults, and the reference math
-(``backend="torch"``: explicit softmax attention). Rows print as they finish and the JSON is
-rewritten after each, so a run cut short keeps what it measured. Data: the shared kit's curves
-when present (as the default model was trained), else generated survey-like curves.
+(``backend="torch"``: explicit softmax attention); on CUDA also the fused forward replayed from
+CUDA graphs (``cuda_graphs=True``; its timed steps include the capture of each batch width they
+meet first). Rows print as they finish and the JSON is rewritten after each, so a run cut short
+keeps what it measured. Data: the shared kit's curves when present (as the default model was
+trained), else generated survey-like curves.
 """
 
 from __future__ import annotations
@@ -71,6 +73,8 @@ def main():
                          warmup_steps=10, checkpoint_every=10**9, patience=None)
     variants = [("plain model + SDPA (backend sdpa)", replace(base, backend="sdpa", gpu_path="plain")),
                 ("fused training forward (gpu_path fused)", replace(base, gpu_path="fused")),
+                *([("fused + CUDA graphs (cuda_graphs)",
+                    replace(base, gpu_path="fused", cuda_graphs=True))] if cuda else []),
                 ("astromer_fast default kernels", base),
                 ("reference PyTorch model (backend torch)",
                  replace(base, backend="torch", gpu_path="plain"))]

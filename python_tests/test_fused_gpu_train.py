@@ -187,10 +187,66 @@ def test_training_steps_equal_the_plain_path_in_fp32():
     for path in ("plain", "fused"):
         torch.manual_seed(0)
         model = Astromer(AstromerConfig(n_blocks=1, d_model=32, n_heads=2, dff=32, dropout=0.1))
-        runs[path] = train(model, data, data, None, log=None,
+        runs[path] = train(model, data, data, None, log=None, device="cpu",
                            settings=TrainSettings(gpu_path=path, **base))
     a, b = runs["plain"], runs["fused"]
     assert len(a.history) == len(b.history) == 2
     for ra, rb in zip(a.history, b.history):
         for key in ("train_loss", "val_loss", "val_rmse"):
             assert rb[key] == pytest.approx(ra[key], rel=1e-4), key
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA graphs (TrainSettings.cuda_graphs)
+# ------------------------------------------------------------------------------------------------
+def test_capturable_loss_equals_the_reference():
+    from astromer_fast.training.cuda_graphs import graph_safe_weighted_rmse
+
+    b = batch()
+    b["probed"][0] = False  # a window without probed observations drops out of the mean
+    pred = torch.randn_like(b["m"], requires_grad=True)
+    ref_pred = pred.detach().clone().requires_grad_()
+    loss = graph_safe_weighted_rmse(pred, b["m"], b["err"], b["probed"], b["valid"])
+    ref = weighted_rmse_reference(ref_pred, b["m"], b["err"], b["probed"], b["valid"])
+    loss.backward()
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=0)
+    torch.testing.assert_close(pred.grad, ref_pred.grad, rtol=1e-10, atol=1e-14)
+
+
+def _train_tiny(data, device, **kw):
+    torch.manual_seed(0)
+    model = Astromer(AstromerConfig(n_blocks=1, d_model=32, n_heads=2, dff=32, dropout=0.0))
+    msgs = []
+    settings = TrainSettings(batch_size=8, max_steps=3, val_every=10**6, warmup_steps=1,
+                             patience=None, checkpoint_every=10**6, seed=3, **kw)
+    res = train(model, data, None, None, log=msgs.append, settings=settings, device=device)
+    return res, msgs
+
+
+def test_cuda_graphs_on_the_cpu_say_why_and_train_eagerly():
+    from test_training import synthetic_table
+
+    data = load_training_curves(None, table=synthetic_table(12, lo=20, hi=60),
+                                exclude_split=None, curve_filter=None)
+    eager, _ = _train_tiny(data, "cpu", gpu_path="fused", bf16=False)
+    graphed, msgs = _train_tiny(data, "cpu", gpu_path="fused", bf16=False, cuda_graphs=True)
+    assert [m for m in msgs if "cuda_graphs: CUDA graphs need a CUDA device" in m]
+    assert graphed.history[-1]["train_loss"] == eager.history[-1]["train_loss"]
+    with pytest.raises(ValueError, match="cuda_graphs must be true or false"):
+        TrainSettings(cuda_graphs="yes")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="CUDA graphs need a CUDA device; this machine has none")
+@pytest.mark.parametrize("path", ["fused", "plain"])
+def test_cuda_graphs_train_like_eager_steps(path):
+    from test_training import synthetic_table
+
+    data = load_training_curves(None, table=synthetic_table(24, lo=20, hi=90),
+                                exclude_split=None, curve_filter=None)
+    eager, _ = _train_tiny(data, "cuda", gpu_path=path)
+    graphed, msgs = _train_tiny(data, "cuda", gpu_path=path, cuda_graphs=True)
+    assert not [m for m in msgs if "CUDA graphs off" in m], msgs
+    assert graphed.history[-1]["train_loss"] == pytest.approx(eager.history[-1]["train_loss"],
+                                                              rel=1e-2)

@@ -94,6 +94,9 @@ class TrainSettings:
     gpu_path: str | None = None
     length_group: int = 16  # batches sorted together by length within a shuffled span
     max_bad_steps: int = 20  # consecutive non-finite steps before giving up
+    # Forward, loss and backward replayed from one CUDA graph per batch shape
+    # (astromer_fast.training.cuda_graphs); eager steps, said once, where that cannot run.
+    cuda_graphs: bool = False
 
     def __post_init__(self):
         if self.optimizer not in ("adam", "adamw"):
@@ -109,6 +112,8 @@ class TrainSettings:
             warnings.warn("TrainSettings(sdpa=True) is deprecated; use backend='sdpa'",
                           DeprecationWarning, stacklevel=3)
             self.backend, self.sdpa = "sdpa", False
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be true or false, got {self.cuda_graphs!r}")
         if self.gpu_path not in (None,) + GPU_TRAIN_PATHS:
             raise ValueError(f"gpu_path must be one of {GPU_TRAIN_PATHS} or None (the default), "
                              f"got {self.gpu_path!r}")
@@ -206,7 +211,10 @@ def _param_dtype(model) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-def _forward_loss(model, b, s: TrainSettings, use_bf16: bool, encoder: str = "plain"):
+def _forward_loss(model, b, s: TrainSettings, use_bf16: bool, encoder: str = "plain",
+                  loss_fn=None):
+    """(prediction, loss) of batch ``b``; ``loss_fn`` replaces the weighted RMSE op (the CUDA
+    graphs' capturable formulation)."""
     # The fused encoders hold their own precision: no autocast around them.
     if encoder == "cpu_fused":
         pred = model(b["t"], b["m_in"], b["hidden"], cpu_fused="bf16" if use_bf16 else "fp32")
@@ -218,6 +226,8 @@ def _forward_loss(model, b, s: TrainSettings, use_bf16: bool, encoder: str = "pl
                             enabled=use_bf16):
             pred = model(b["t"], b["m_in"], b["hidden"], backend=s.backend)
     pred = pred.float()
+    if loss_fn is not None:
+        return pred, loss_fn(pred, b["target"], b["err"], b["probed"], b["valid"])
     loss = weighted_rmse(pred, b["target"], b["err"], b["probed"], b["valid"], backend=s.backend)
     return pred, loss
 
@@ -313,6 +323,7 @@ def train(model, train_curves: TrainingCurves, val_curves: TrainingCurves | None
         ddp_model = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda"
                                             else None)
     val_w = _validation_windows(val_curves, s)
+    graphed = _graphed_steps(model, s, dev, world, use_bf16, encoder, log)
 
     # The loop's position: what a checkpoint records and a resumed run starts from.
     step = epoch = batch_in_epoch = windows = 0
@@ -390,13 +401,16 @@ def train(model, train_curves: TrainingCurves, val_curves: TrainingCurves | None
                 b = masked_batch(w, idx, fr, step_generator(s.seed, step, dev), dev, pin)
                 if world > 1:
                     b = {k: (v[rank::world] if v is not None else None) for k, v in b.items()}
-                _, loss = _forward_loss(ddp_model, b, s, use_bf16, encoder)
-                if world > 1:
-                    loss_for_grad, loss_value = _global_loss(loss, b["probed"], world, dev)
+                if graphed is not None:  # the gradient is already in .grad
+                    loss_value = graphed.step(b)
                 else:
-                    loss_for_grad = loss_value = loss
-                opt.zero_grad(set_to_none=True)
-                loss_for_grad.backward()
+                    _, loss = _forward_loss(ddp_model, b, s, use_bf16, encoder)
+                    if world > 1:
+                        loss_for_grad, loss_value = _global_loss(loss, b["probed"], world, dev)
+                    else:
+                        loss_for_grad = loss_value = loss
+                    opt.zero_grad(set_to_none=True)
+                    loss_for_grad.backward()
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.clip_norm)
                 if torch.isfinite(norm) and torch.isfinite(loss_value):
                     bad_steps = 0
@@ -470,6 +484,24 @@ def _step_budget(s: TrainSettings, train_curves: TrainingCurves) -> int | None:
     constant rate after warm-up) when only a wall-clock budget bounds the run."""
     steps_per_epoch = math.ceil(len(train_curves) / s.batch_size)
     return s.max_steps or (s.max_epochs * steps_per_epoch if s.max_epochs else None)
+
+
+def _graphed_steps(model, s: TrainSettings, dev, world: int, use_bf16: bool, encoder: str, log):
+    """The CUDA-graph runner of the training steps, or None (not asked, or cannot run: said)."""
+    if not s.cuda_graphs:
+        return None
+    from astromer_fast.training.cuda_graphs import (
+        GraphedSteps,
+        cuda_graphs_unavailable,
+        graph_safe_weighted_rmse,
+    )
+
+    why = cuda_graphs_unavailable(dev, world)
+    if why is not None:
+        log(f"cuda_graphs: {why}; eager steps")
+        return None
+    return GraphedSteps(model, lambda b: _forward_loss(
+        model, b, s, use_bf16, encoder, loss_fn=graph_safe_weighted_rmse)[1], log=log)
 
 
 def _make_optimizer(model, s: TrainSettings, dev):
