@@ -62,3 +62,14 @@ def test_bench_host_runs_both_host_paths(tmp_path):
     assert all(r["obs_per_s_per_core"] > 0 and r["peak_rss_mb"] > 0 for r in host)
     assert {r["curves"] for r in rows if r["what"] == "host" and r["host"] == "cpp"} == {200, 300}
     assert "M obs/s/core" in text and "machine:" in text
+
+
+def test_bench_train_runs_every_training_variant(tmp_path):
+    result, text = run("bench_train.py", "--device", "cpu", "--steps", "2", "--warmup", "1",
+                       "--batch-size", "8", "--blocks", "1", tmp_path=tmp_path)
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert not [r for r in rows.values() if "error" in r], rows
+    assert list(rows)[0] == "plain model + SDPA (backend sdpa)"
+    assert "fused training forward (gpu_path fused)" in rows
+    assert all(r["windows_per_s"] > 0 and r["ratio_vs_sdpa"] > 0 for r in rows.values())
+    assert "vs sdpa" in text

@@ -263,10 +263,24 @@ class Astromer(nn.Module):
         return EncoderOutput(x, tuple(layers) if return_layers else None,
                              tuple(attn) if return_attention else None)
 
-    def forward(self, t, m, hidden, *, cpu_fused: str | None = None, **kw) -> torch.Tensor:
+    def forward(self, t, m, hidden, *, cpu_fused: str | None = None,
+                fused_train: torch.dtype | None = None, **kw) -> torch.Tensor:
         """Reconstructed (centred) magnitude per observation, (B, L). ``cpu_fused="fp32"`` or
         ``"bf16"`` runs the encoder through the fused CPU passes instead (training on the CPU:
-        ``astromer_fast.model.fused_cpu``); other keywords go to ``encode``."""
+        ``astromer_fast.model.fused_cpu``). ``fused_train=dtype`` runs the fused training forward
+        (``astromer_fast.model.fused_gpu_train``: fewer, larger kernels, GEMMs and attention in
+        ``dtype``, e.g. ``torch.bfloat16`` on CUDA without autocast); it takes ``backend`` (the
+        input embedding's) from the keywords. Other keywords go to ``encode``."""
+        if cpu_fused is not None and fused_train is not None:
+            raise ValueError("cpu_fused and fused_train are two encoders: ask for one")
+        if fused_train is not None:
+            from astromer_fast.model.fused_gpu_train import fused_train_forward
+
+            unknown = sorted(set(kw) - {"backend"})
+            if unknown:
+                raise TypeError(f"fused_train takes no keywords {unknown} (only backend)")
+            return fused_train_forward(self, t, m, hidden, dtype=fused_train,
+                                       backend=kw.get("backend"))
         if cpu_fused is not None:
             from astromer_fast.model.fused_cpu import fused_cpu_encode
 

@@ -53,6 +53,13 @@ def _add_common(p, defaults: TrainSettings):
     o.add_argument("--no-cpu-fused", dest="cpu_fused", action="store_false", default=True,
                    help="on the CPU, train the plain model with the kernel backends instead of "
                    "the fused encoder passes")
+    o.add_argument("--gpu-path", choices=["fused", "plain"], default=None,
+                   help="the encoder of a CUDA training step: the fused training forward "
+                   "(weights cast once per step, larger GEMMs) or the plain model under autocast "
+                   "(default: $ASTROMER_FAST_GPU_TRAIN_PATH, else plain)")
+    o.add_argument("--cuda-graphs", action="store_true", default=False,
+                   help="replay forward, loss and backward from one CUDA graph per batch shape "
+                   "(eager steps where a capture fails; not yet run on a GPU)")
     o.add_argument("--backend", default=None, help="kernel backend: cuda, triton, cpu, torch, sdpa "
                    "(default: fastest available)")
     o.add_argument("--seed", type=int, default=defaults.seed)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +46,8 @@ from astromer_fast.training.loss import probed_metrics, weighted_rmse
 from astromer_fast.training.masking import MaskFractions, masked_inputs, step_generator
 
 _LOSS_EPS = 1e-12  # inside the op's sqrt (see astromer_fast.kernels.weighted_rmse)
+GPU_TRAIN_PATHS = ("fused", "plain")
+GPU_TRAIN_PATH_ENV = "ASTROMER_FAST_GPU_TRAIN_PATH"
 
 
 @dataclass
@@ -82,8 +85,18 @@ class TrainSettings:
     # On the CPU, the encoder through the fused passes (astromer_fast.model.fused_cpu) when the
     # model's shape allows and no backend asks for the plain model.
     cpu_fused: bool = True
+    # The encoder of a CUDA training step: "plain" (the model under bf16 autocast with the kernel
+    # backends) or "fused" (astromer_fast.model.fused_gpu_train: weights cast once per step, one
+    # GEMM for q, k, v and the first skip, one for the feed-forward input and the second skip).
+    # None: $ASTROMER_FAST_GPU_TRAIN_PATH, else "plain": the fused path has not been timed on a
+    # GPU yet. A value given here also applies on the CPU ("fused" is how its tests run it there),
+    # instead of the CPU's fused passes.
+    gpu_path: str | None = None
     length_group: int = 16  # batches sorted together by length within a shuffled span
     max_bad_steps: int = 20  # consecutive non-finite steps before giving up
+    # Forward, loss and backward replayed from one CUDA graph per batch shape
+    # (astromer_fast.training.cuda_graphs); eager steps, said once, where that cannot run.
+    cuda_graphs: bool = False
 
     def __post_init__(self):
         if self.optimizer not in ("adam", "adamw"):
@@ -99,6 +112,11 @@ class TrainSettings:
             warnings.warn("TrainSettings(sdpa=True) is deprecated; use backend='sdpa'",
                           DeprecationWarning, stacklevel=3)
             self.backend, self.sdpa = "sdpa", False
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be true or false, got {self.cuda_graphs!r}")
+        if self.gpu_path not in (None,) + GPU_TRAIN_PATHS:
+            raise ValueError(f"gpu_path must be one of {GPU_TRAIN_PATHS} or None (the default), "
+                             f"got {self.gpu_path!r}")
         self.fractions()  # validates them
 
     def fractions(self) -> MaskFractions:
@@ -144,12 +162,41 @@ def masked_batch(w, idx, fr: MaskFractions, generator, device, pin=False) -> dic
                 valid=b["valid"])
 
 
+def gpu_train_path(s: TrainSettings, device) -> str | None:
+    """``"fused"`` or ``"plain"``: the encoder ``TrainSettings.gpu_path`` (else, on CUDA,
+    ``$ASTROMER_FAST_GPU_TRAIN_PATH``) asks for on ``device``; None on a CPU where neither asks
+    (the CPU's own choice, see ``uses_cpu_fused``)."""
+    if s.gpu_path is not None:
+        return s.gpu_path
+    if torch.device(device).type != "cuda":
+        return None
+    env = os.environ.get(GPU_TRAIN_PATH_ENV, "").strip()
+    if env in ("", "auto"):
+        return "plain"
+    if env not in GPU_TRAIN_PATHS:
+        raise ValueError(f"${GPU_TRAIN_PATH_ENV}={env!r}: choose one of {GPU_TRAIN_PATHS} "
+                         f"(or leave it unset)")
+    return env
+
+
 def uses_cpu_fused(model, s: TrainSettings, device) -> bool:
     """Whether training on ``device`` runs the fused CPU encoder (see TrainSettings.cpu_fused)."""
     from astromer_fast.model.fused_cpu import fused_cpu_unsupported
 
     return (torch.device(device).type == "cpu" and s.cpu_fused and s.backend in (None, "cpu")
+            and gpu_train_path(s, device) is None
             and fused_cpu_unsupported(model.config) is None)
+
+
+ENCODERS = ("plain", "cpu_fused", "fused_train")
+
+
+def training_encoder(model, s: TrainSettings, device) -> str:
+    """The encoder a training step on ``device`` runs, one of ``ENCODERS``: the fused CPU passes,
+    the fused training forward (``gpu_path="fused"``) or the plain model."""
+    if gpu_train_path(s, device) == "fused":
+        return "fused_train"
+    return "cpu_fused" if uses_cpu_fused(model, s, device) else "plain"
 
 
 def uses_bf16(s: TrainSettings, device) -> bool:
@@ -160,21 +207,34 @@ def uses_bf16(s: TrainSettings, device) -> bool:
     return torch.device(device).type == "cuda" or resolve_precision() == "bf16"
 
 
-def _forward_loss(model, b, s: TrainSettings, use_bf16: bool, fused: bool = False):
-    if fused:  # the fused passes hold their own precision: no autocast around them
+def _param_dtype(model) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def _forward_loss(model, b, s: TrainSettings, use_bf16: bool, encoder: str = "plain",
+                  loss_fn=None):
+    """(prediction, loss) of batch ``b``; ``loss_fn`` replaces the weighted RMSE op (the CUDA
+    graphs' capturable formulation)."""
+    # The fused encoders hold their own precision: no autocast around them.
+    if encoder == "cpu_fused":
         pred = model(b["t"], b["m_in"], b["hidden"], cpu_fused="bf16" if use_bf16 else "fp32")
+    elif encoder == "fused_train":
+        pred = model(b["t"], b["m_in"], b["hidden"], backend=s.backend,
+                     fused_train=torch.bfloat16 if use_bf16 else _param_dtype(model))
     else:
         with torch.autocast(device_type=b["t"].device.type, dtype=torch.bfloat16,
                             enabled=use_bf16):
             pred = model(b["t"], b["m_in"], b["hidden"], backend=s.backend)
     pred = pred.float()
+    if loss_fn is not None:
+        return pred, loss_fn(pred, b["target"], b["err"], b["probed"], b["valid"])
     loss = weighted_rmse(pred, b["target"], b["err"], b["probed"], b["valid"], backend=s.backend)
     return pred, loss
 
 
 @torch.no_grad()
 def evaluate(model, w, s: TrainSettings, device, use_bf16: bool, batch_size: int = 1024,
-             fused: bool = False) -> dict:
+             encoder: str = "plain") -> dict:
     """Validation loss (the weighted RMSE over all windows) and unweighted RMSE/R² pooled over
     the probed observations, on fixed windows with fixed masks (every evaluation sees the same
     task, so values are comparable across steps)."""
@@ -189,7 +249,7 @@ def evaluate(model, w, s: TrainSettings, device, use_bf16: bool, batch_size: int
     for start in range(0, n, batch_size):
         idx = np.arange(start, min(start + batch_size, n))
         b = masked_batch(w, idx, fr, g, device)
-        pred, loss = _forward_loss(model, b, s, use_bf16, fused)
+        pred, loss = _forward_loss(model, b, s, use_bf16, encoder)
         has = int((b["probed"].sum(-1) > 0).sum())
         sq += (loss.double() ** 2 - _LOSS_EPS) * has
         nh += has
@@ -252,7 +312,7 @@ def train(model, train_curves: TrainingCurves, val_curves: TrainingCurves | None
     torch.manual_seed(s.seed)
     model = model.to(dev).train()
     use_bf16 = uses_bf16(s, dev)
-    fused = uses_cpu_fused(model, s, dev)
+    encoder = training_encoder(model, s, dev)
     fr = s.fractions()
     opt = _make_optimizer(model, s, dev)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(s, _step_budget(s, train_curves)))
@@ -263,6 +323,7 @@ def train(model, train_curves: TrainingCurves, val_curves: TrainingCurves | None
         ddp_model = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda"
                                             else None)
     val_w = _validation_windows(val_curves, s)
+    graphed = _graphed_steps(model, s, dev, world, use_bf16, encoder, log)
 
     # The loop's position: what a checkpoint records and a resumed run starts from.
     step = epoch = batch_in_epoch = windows = 0
@@ -311,7 +372,7 @@ def train(model, train_curves: TrainingCurves, val_curves: TrainingCurves | None
                    lr=sched.get_last_lr()[0], train_loss=train_loss,
                    windows_per_s=round(rate, 1))
         if val_w is not None:  # every rank, so that every rank takes the same stop decision
-            met = evaluate(model, val_w, s, dev, use_bf16, fused=fused)
+            met = evaluate(model, val_w, s, dev, use_bf16, encoder=encoder)
             row.update(val_loss=met["loss"], val_rmse=met["rmse"], val_r2=met["r2"])
         history.append(row)
         log(json.dumps(row))
@@ -340,13 +401,16 @@ def train(model, train_curves: TrainingCurves, val_curves: TrainingCurves | None
                 b = masked_batch(w, idx, fr, step_generator(s.seed, step, dev), dev, pin)
                 if world > 1:
                     b = {k: (v[rank::world] if v is not None else None) for k, v in b.items()}
-                _, loss = _forward_loss(ddp_model, b, s, use_bf16, fused)
-                if world > 1:
-                    loss_for_grad, loss_value = _global_loss(loss, b["probed"], world, dev)
+                if graphed is not None:  # the gradient is already in .grad
+                    loss_value = graphed.step(b)
                 else:
-                    loss_for_grad = loss_value = loss
-                opt.zero_grad(set_to_none=True)
-                loss_for_grad.backward()
+                    _, loss = _forward_loss(ddp_model, b, s, use_bf16, encoder)
+                    if world > 1:
+                        loss_for_grad, loss_value = _global_loss(loss, b["probed"], world, dev)
+                    else:
+                        loss_for_grad = loss_value = loss
+                    opt.zero_grad(set_to_none=True)
+                    loss_for_grad.backward()
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.clip_norm)
                 if torch.isfinite(norm) and torch.isfinite(loss_value):
                     bad_steps = 0
@@ -420,6 +484,24 @@ def _step_budget(s: TrainSettings, train_curves: TrainingCurves) -> int | None:
     constant rate after warm-up) when only a wall-clock budget bounds the run."""
     steps_per_epoch = math.ceil(len(train_curves) / s.batch_size)
     return s.max_steps or (s.max_epochs * steps_per_epoch if s.max_epochs else None)
+
+
+def _graphed_steps(model, s: TrainSettings, dev, world: int, use_bf16: bool, encoder: str, log):
+    """The CUDA-graph runner of the training steps, or None (not asked, or cannot run: said)."""
+    if not s.cuda_graphs:
+        return None
+    from astromer_fast.training.cuda_graphs import (
+        GraphedSteps,
+        cuda_graphs_unavailable,
+        graph_safe_weighted_rmse,
+    )
+
+    why = cuda_graphs_unavailable(dev, world)
+    if why is not None:
+        log(f"cuda_graphs: {why}; eager steps")
+        return None
+    return GraphedSteps(model, lambda b: _forward_loss(
+        model, b, s, use_bf16, encoder, loss_fn=graph_safe_weighted_rmse)[1], log=log)
 
 
 def _make_optimizer(model, s: TrainSettings, dev):
