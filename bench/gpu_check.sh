@@ -158,7 +158,7 @@ el "bench_model rc=$?"; tail -25 "$W/bench_model.txt"; pack
 timeout "$(cap "${BE_S:-60}")" python "$B/bench_embed.py" --device cuda --curves 50000 --naive-curves 200 --batch-size 4096 --read-rows 8192 --json "$W/bench_embed.json" > "$W/bench_embed.txt" 2>&1
 el "bench_embed rc=$?"; tail -20 "$W/bench_embed.txt"; pack
 timeout "$(cap "${BT_S:-90}")" python "$B/bench_train.py" --device cuda --batch-size 512 --steps 100 --json "$W/bench_train.json" > "$W/bench_train.txt" 2>&1
-el "bench_train rc=$?"; tail -5 "$W/bench_train.txt"; pack
+el "bench_train rc=$?"; tail -9 "$W/bench_train.txt"; pack
 # What the lease has left after its checks: continue pretraining the packaged model
 # (tools/continue_pretraining.py, the recipe of bench/recipe_study.json) in a copy, and send back
 # the copy's files (model.safetensors < 16 MB; the optimizer state stays behind). Copy them into
