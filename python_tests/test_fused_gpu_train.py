@@ -74,8 +74,8 @@ def assert_same_gradients(grads, expected, dtype, tol):
 
 def test_fp32_windows_with_every_key_hidden_get_the_exact_gradient(monkeypatch):
     """Below float64 such a window's logits all round to -1e9: uniform weights, which do not
-    depend on q and k. SDPA's own backward gets that gradient wrong (weights of 1); the fused
-    forward routes those windows around it. The oracle is the plain model whose attention
+    depend on q and k. SDPA's own backward gets that gradient wrong (weights of 1); both the
+    fused forward and the plain model's ``sdpa`` attention route those windows around it. The oracle is the plain model whose attention
     passes no gradient to q and k there."""
     import astromer_fast.model.astromer as astromer_module
     from astromer_fast.kernels.masked_attention import masked_attention_reference
@@ -112,8 +112,7 @@ def test_encoder_output_and_dropout_masks_follow_the_model():
 def test_bf16_matches_the_model_under_autocast():
     model = small_model(torch.float32, d_model=64, n_heads=4)
     b = batch(torch.float32, L=32)
-    # The plain model's SDPA gets a fully hidden window's gradient wrong (see the test above).
-    b["probed"][3] = False
+    b["probed"][3] = b["valid"][3]  # the fully hidden window enters the loss
     with torch.no_grad():
         exact = model(b["t"], b["m"], b["hidden"], backend="sdpa")
     with torch.autocast("cpu", dtype=torch.bfloat16):

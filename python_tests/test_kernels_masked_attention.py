@@ -633,3 +633,37 @@ def test_sdpa_is_one_name_for_every_op():
     assert resolve_backend("cpu", "sdpa") == "torch"
     with pytest.raises(ValueError, match="sdpa"):
         pick_backend("masked_attention", "cpu", f32, "flash")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sdpa_gradient_of_a_window_with_every_key_hidden(dtype):
+    """Such a window attends uniformly (the -1e9 terms swamp the scores below float64), so its
+    output is the mean of v and q, k get no gradient; torch's SDPA backward alone returned every
+    weight as 1 there."""
+    from astromer_fast.kernels.masked_attention import masked_attention
+
+    g = torch.Generator().manual_seed(0)
+    B, H, L, hd = 3, 2, 9, 16
+    q, k, v = (torch.randn(B, H, L, hd, generator=g).to(dtype).requires_grad_() for _ in range(3))
+    hidden = torch.zeros(B, L, dtype=torch.bool)
+    hidden[0] = True  # every key hidden
+    hidden[1, 4:] = True
+    w = torch.randn(B, H, L, hd, generator=g).to(dtype)
+    out = masked_attention(q, k, v, hidden, "key", backend="sdpa")
+    (out.float() * w.float()).sum().backward()
+    mean_v = v.detach().float().mean(2, keepdim=True).expand(-1, -1, L, -1)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (out[0].float() - mean_v[0]).abs().max() < tol
+    assert q.grad[0].abs().max() == 0 and k.grad[0].abs().max() == 0
+    want_dv = w[0].float().sum(1, keepdim=True).expand(-1, L, -1) / L
+    assert (v.grad[0].float() - want_dv).abs().max() < tol * L
+    # The other windows' gradients are the reference's.
+    q2, k2, v2 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = masked_attention(q2, k2, v2, hidden, "key", backend="torch")
+    (ref * w.double()).sum().backward()
+    for got, want in ((q.grad, q2.grad), (k.grad, k2.grad), (v.grad, v2.grad)):
+        assert (got[1:].double() - want[1:]).abs().max() < (1e-4 if dtype == torch.float32
+                                                              else 0.1)
+    with torch.no_grad():  # inference: the plain call, the same forward
+        again = masked_attention(q, k, v, hidden, "key", backend="sdpa")
+    assert (again.float() - out.detach().float()).abs().max() < tol

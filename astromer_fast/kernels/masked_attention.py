@@ -409,6 +409,18 @@ def masked_attention(
 
 def _sdpa(q, k, v, key_hidden, rule):
     """PyTorch's fused SDPA with the additive bias of the rule (the same -1e9 / +1 terms as the
-    reference, so all-hidden rows are uniform averages too)."""
+    reference, so all-hidden rows are uniform averages too).
+
+    Below float64, SDPA's backward gets a window whose keys are all hidden wrong: -1e9 swamps the
+    log-sum-exp it keeps, and it recomputes every weight as 1 instead of 1 / L. When a gradient
+    is recorded such windows take no bias and zero queries instead: the same uniform weights in
+    the forward, and the derivative of them (nothing to q and k). Inference keeps the plain call."""
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or
+                                              v.requires_grad)
+    if rule == "key" and q.dtype != torch.float64 and needs_grad:
+        all_hidden = key_hidden.all(1)
+        bias = attention_bias(key_hidden & ~all_hidden[:, None], rule, q.dtype)
+        q = q * (~all_hidden).to(q.dtype)[:, None, None, None]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     bias = attention_bias(key_hidden, rule, q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
