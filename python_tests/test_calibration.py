@@ -124,11 +124,33 @@ def test_calibration_tries_the_triton_gemms_with_the_fastest_fused_attention(cac
     assert result["candidate"] == "fused-mlp:triton:1"
     assert result["choice"] == {"path": "fused", "attention": "triton", "stages": 1,
                                 "gemm": "triton_mlp"}
+    assert cal.load(KEY)["complete"] is True
     assert cal.gemm_candidates([row("plain", 9, 1.0)]) == ()
     # Without a working Triton attention, no one-kernel attention half.
     assert cal.gemm_candidates([row("fused:sdpa", 9, 1.0), row("fused:triton:1", 9, 0.5, False)]) \
         == ("fused-tg:sdpa", "fused-mlp:sdpa")
     assert cal.parse_candidate("fused-block:triton:2")["gemm"] == "triton_block"
+
+
+def test_a_calibration_stopped_in_its_second_round_leaves_the_first_rounds_choice(cache,
+                                                                                 monkeypatch):
+    model = Astromer(AstromerConfig(n_blocks=1, d_model=32, n_heads=2, dff=64)).eval()
+    fake = {"plain": 3.0, "fused:sdpa": 1.0}
+
+    def runner(model, name, device):
+        if name.startswith("fused-"):
+            raise KeyboardInterrupt  # what a time limit's signal looks like from inside
+        if name not in fake:
+            raise ValueError("cannot run here")
+        fake["last"] = fake[name]
+        return lambda t, m, v: model.embed_windows(t, m, v)
+
+    monkeypatch.setattr(cal, "_runner", runner)
+    with pytest.raises(KeyboardInterrupt):
+        cal.calibrate("cpu", model, widths=(9,), batch=8, reps=1,
+                      timer=lambda fn, device, reps: fake["last"])
+    cached = cal.load(KEY)
+    assert cached["candidate"] == "fused:sdpa" and cached["complete"] is False
 
 
 def test_a_wrong_candidate_fails_the_check(cache, monkeypatch):

@@ -250,16 +250,24 @@ def calibrate(device="cuda", model=None, candidates=None, **kw) -> dict:
 
         model = Astromer.from_pretrained(packaged_model_path(None))
     t0 = time.perf_counter()
+
+    def record(rows, complete: bool) -> dict:
+        best = select(rows)
+        result = {"choice": parse_candidate(best) if best else None, "candidate": best,
+                  "rows": rows, "seconds": round(time.perf_counter() - t0, 1),
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "complete": complete}
+        save(key, result)
+        return result
+
     if candidates is None:
         rows = measure(model, device, ATTENTION_CANDIDATES, **kw)
+        # Cached at once: a calibration stopped in its second round (a time limit, a stalled
+        # kernel) still leaves the first round's measured choice.
+        record(rows, complete=False)
         rows += measure(model, device, gemm_candidates(rows), **kw)
     else:
         rows = measure(model, device, candidates, **kw)
-    best = select(rows)
-    result = {"choice": parse_candidate(best) if best else None, "candidate": best,
-              "rows": rows, "seconds": round(time.perf_counter() - t0, 1),
-              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    save(key, result)
+    result = record(rows, complete=True)
     return load(key) or result
 
 
