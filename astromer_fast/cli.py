@@ -123,6 +123,8 @@ def _info(args):
         cached = calibration.load(key)
         print(f"  GPU path calibration: "
               + (f"{cached.get('candidate') or 'failed: ' + str(cached.get('error'))[:200]}"
+                 + (" (first round only: the calibration was stopped)"
+                    if cached.get("complete") is False else "")
                  if cached else "none (astromer-fast calibrate)")
               + f" [{calibration.cache_path(key)}]")
         print(f"  cuda backend's attention kernels: {_cuda_attention_kernel()} (${CUDA_ATTENTION_ENV})")
