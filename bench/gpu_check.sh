@@ -175,4 +175,6 @@ if [ -n "$DATA" ] && [ "${CONTINUE_MIN:-0}" != 0 ]; then
   done
   pack
 fi
+# Issue 15's goal table (ratios, met or missed) from what this run wrote.
+python "$B/../tools/gpu_report.py" "$W" > "$W/report.md" 2>&1; cat "$W/report.md"; pack
 el "done"
