@@ -49,6 +49,26 @@ def make_windows(B=6, L=37, dtype=torch.float64, device="cpu", seed=0):
     return t.to(device, dtype), m.to(device, dtype), valid.to(device)
 
 
+def attention_case(L, H=2, hd=16):
+    """make_windows(L=L) with a random projection Y (B * L, 4 * H * hd): (B, key-hidden and
+    all-hidden flags as the Triton kernels take them (uint8), Y, and the float64 reference
+    attention output (B * L, H * hd) of a mask rule)."""
+    from astromer_fast.kernels.masked_attention import _torch_fwd
+
+    t, m, valid = make_windows(L=L, seed=L)
+    B, D = t.shape[0], H * hd
+    hidden = ~valid
+    y = torch.randn(B * L, 4 * D, generator=torch.Generator().manual_seed(L))
+    q, k, v = (y[:, i * D:(i + 1) * D].double().view(B, L, H, hd).transpose(1, 2)
+               for i in range(3))
+
+    def reference(rule):
+        return _torch_fwd(q, k, v, hidden, rule)[0].transpose(1, 2).reshape(B * L, D)
+
+    return (B, hidden.contiguous().view(torch.uint8),
+            hidden.all(1).contiguous().view(torch.uint8), y, reference)
+
+
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 @pytest.mark.parametrize("attention", ["torch", "sdpa"])
 def test_structure_matches_plain_model_float64(preset, attention):
@@ -100,24 +120,16 @@ _INTERPRETED = textwrap.dedent(
     import json, math, sys
     import torch
     sys.path.insert(0, sys.argv[1])
-    from test_fused_gpu import make_model, make_windows
+    from test_fused_gpu import attention_case, make_model, make_windows
     from astromer_fast.kernels import _triton_fused_block as tfb
-    from astromer_fast.kernels.masked_attention import _torch_fwd
     from astromer_fast.model.fused_gpu import FusedGpuEncoder
     errs = {}
     H, hd = 2, 16
     D = H * hd
     for L in (1, 7, 37):
-        t, m, valid = make_windows(L=L, seed=L)
-        B = t.shape[0]
-        hidden = ~valid
-        kh = hidden.contiguous().view(torch.uint8)
-        allh = hidden.all(1).contiguous().view(torch.uint8)
-        y = torch.randn(B * L, 4 * D, generator=torch.Generator().manual_seed(L))
-        q, k, v = (y[:, i * D:(i + 1) * D].double().view(B, L, H, hd).transpose(1, 2)
-                   for i in range(3))
+        B, kh, allh, y, reference = attention_case(L, H, hd)
         for rule_id, rule in enumerate(("key", "query_or_key_plus1")):
-            want = _torch_fwd(q, k, v, hidden, rule)[0].transpose(1, 2).reshape(B * L, D)
+            want = reference(rule)
             for skip in (True, False):
                 out = torch.full((B * L, D), float("nan"))
                 tfb.attention(y, kh, allh, out, B, L, H, rule_id, 1 / math.sqrt(hd), skip=skip)
@@ -148,7 +160,7 @@ _INTERPRETED_GEMMS = textwrap.dedent(
     import torch
     import torch.nn.functional as F
     sys.path.insert(0, sys.argv[1])
-    from test_fused_gpu import make_model, make_windows
+    from test_fused_gpu import attention_case, make_model, make_windows
     from astromer_fast.kernels import _triton_fused_gemm as tg
     from astromer_fast.model.fused_gpu import FusedGpuEncoder
     g = torch.Generator().manual_seed(0)
@@ -194,22 +206,14 @@ _INTERPRETED_GEMMS = textwrap.dedent(
         errs[f"mlp {M}x{D}x{F_} leak={leak}"] = (out.double() - want).abs().max().item()
     # The attention half in one kernel: every mask case of make_windows, both rules, skipping on
     # and off, with and without the skip path.
-    from astromer_fast.kernels.masked_attention import _torch_fwd
     H, hd = 2, 16
     D = H * hd
     for L in (1, 7, 37):
-        t, m, valid = make_windows(L=L, seed=L)
-        B = t.shape[0]
-        hidden = ~valid
-        kh = hidden.contiguous().view(torch.uint8)
-        allh = hidden.all(1).contiguous().view(torch.uint8)
-        y = torch.randn(B * L, 4 * D, generator=g)
+        B, kh, allh, y, reference = attention_case(L, H, hd)
         w_o, b_o = torch.randn(D, D, generator=g) * 0.3, torch.randn(D, generator=g)
         gamma, beta = torch.rand(D, generator=g) + 0.5, torch.randn(D, generator=g)
-        q, k, v = (y[:, i * D:(i + 1) * D].double().view(B, L, H, hd).transpose(1, 2)
-                   for i in range(3))
         for rule_id, rule in enumerate(("key", "query_or_key_plus1")):
-            o = _torch_fwd(q, k, v, hidden, rule)[0].transpose(1, 2).reshape(B * L, D)
+            o = reference(rule)
             for skip, res in ((True, True), (False, False)):
                 z = o @ w_o.double() + b_o.double() + (y[:, 3 * D:].double() if res else 0)
                 want = F.layer_norm(z, (D,), gamma.double(), beta.double(), 1e-6)

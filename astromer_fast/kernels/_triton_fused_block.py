@@ -24,7 +24,61 @@ import torch
 import triton
 import triton.language as tl
 
+from astromer_fast.kernels._triton_jit import jit_kernels
+from astromer_fast.kernels._triton_masked_attention import _logits
+
 STAGES_ENV = "ASTROMER_FAST_TRITON_STAGES"
+
+
+def _flash_head(
+    Y, ldy, KH, row0, q, qh, allh, L, k_col, v_col, scale,
+    RULE: tl.constexpr, SKIP: tl.constexpr, HD: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+):
+    """One head's attention output (BLOCK_M, HD) float32 for the queries ``q`` of the window
+    whose rows start at ``row0``: keys and values are the columns from ``k_col`` and ``v_col``."""
+    offs_d = tl.arange(0, HD)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HD], tl.float32)
+    for start_n in range(0, L, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        nmask = offs_n < L
+        kh = tl.load(KH + row0 + offs_n, mask=nmask, other=1) != 0
+        visit = True
+        if SKIP:
+            n_open = tl.sum((nmask & (kh == 0)).to(tl.int32), 0)
+            visit = (n_open > 0) | allh
+        if visit:
+            rows = (row0 + offs_n)[:, None] * ldy
+            k = tl.load(Y + rows + (k_col + offs_d)[None, :], mask=nmask[:, None], other=0.0)
+            v = tl.load(Y + rows + (v_col + offs_d)[None, :], mask=nmask[:, None], other=0.0)
+            s = _logits(q, k, qh, kh, allh, nmask, scale, RULE, PREC)
+            # Every visited block holds a real key (start_n < L), so m_new is finite.
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+            m_i = m_new
+    return acc / l_i[:, None]
+
+
+def _tanh(x):
+    # tanh(x) = sign(x) (1 - e) / (1 + e), e = exp(-2|x|) <= 1: no overflow for any x.
+    e = tl.exp(-2.0 * tl.abs(x))
+    y = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -y, y)
+
+
+def _layernorm(z, cmask, g, beta, D, eps):
+    """LayerNorm of the rows of ``z`` over its first D columns (``cmask``), times ``g`` plus
+    ``beta``, in float32."""
+    mean = tl.sum(tl.where(cmask[None, :], z, 0.0), 1) / D
+    zc = tl.where(cmask[None, :], z - mean[:, None], 0.0)
+    var = tl.sum(zc * zc, 1) / D
+    rstd = 1.0 / tl.sqrt(var + eps)
+    return zc * rstd[:, None] * g[None, :] + beta[None, :]
 
 
 def _flash_fwd(
@@ -44,40 +98,8 @@ def _flash_fwd(
     q = tl.load(q_ptr, mask=mmask[:, None], other=0.0)
     qh = tl.load(KH + row0 + offs_m, mask=mmask, other=1) != 0
     allh = tl.load(ALLH + b) != 0
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HD], tl.float32)
-    k_col = D + h * HD
-    v_col = 2 * D + h * HD
-    for start_n in range(0, L, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        nmask = offs_n < L
-        kh = tl.load(KH + row0 + offs_n, mask=nmask, other=1) != 0
-        visit = True
-        if SKIP:
-            n_open = tl.sum((nmask & (kh == 0)).to(tl.int32), 0)
-            visit = (n_open > 0) | allh
-        if visit:
-            rows = (row0 + offs_n)[:, None] * ldy
-            k = tl.load(Y + rows + (k_col + offs_d)[None, :], mask=nmask[:, None], other=0.0)
-            v = tl.load(Y + rows + (v_col + offs_d)[None, :], mask=nmask[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-            if RULE == 0:
-                b1 = tl.where(kh, -1e9, 0.0)
-                b2 = tl.where(kh & allh, 1e9, 0.0)
-                s = (s + b1[None, :]) + b2[None, :]
-            else:
-                s = s + tl.where(qh[:, None] | kh[None, :], 1.0, 0.0)
-            s = tl.where(nmask[None, :], s, float("-inf"))
-            # Every visited block holds a real key (start_n < L), so m_new is finite.
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-            m_i = m_new
-    out = acc / l_i[:, None]
+    out = _flash_head(Y, ldy, KH, row0, q, qh, allh, L, D + h * HD, 2 * D + h * HD, scale,
+                      RULE, SKIP, HD, BLOCK_M, BLOCK_N, PREC)
     o_ptr = O + (row0 + offs_m)[:, None] * ldo + (h * HD + offs_d)[None, :]
     tl.store(o_ptr, out.to(O.dtype.element_ty), mask=mmask[:, None])
 
@@ -89,11 +111,7 @@ def _bias_tanh(U, ldu, BIAS, n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.
     ptr = U + rows.to(tl.int64)[:, None] * ldu + cols[None, :]
     x = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
     x = x + tl.load(BIAS + cols, mask=cols < n_cols, other=0.0)[None, :]
-    # tanh(x) = sign(x) (1 - e) / (1 + e), e = exp(-2|x|) <= 1: no overflow for any x.
-    e = tl.exp(-2.0 * tl.abs(x))
-    y = (1.0 - e) / (1.0 + e)
-    y = tl.where(x < 0, -y, y)
-    tl.store(ptr, y.to(U.dtype.element_ty), mask=mask)
+    tl.store(ptr, _tanh(x).to(U.dtype.element_ty), mask=mask)
 
 
 def _residual_ln(
@@ -121,11 +139,7 @@ def _residual_ln(
         if HAS_RES:
             z += tl.load(R + grow * ldr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         z += bias[None, :]
-        mean = tl.sum(z, 1) / D
-        zc = tl.where(mask, z - mean[:, None], 0.0)
-        var = tl.sum(zc * zc, 1) / D
-        rstd = 1.0 / tl.sqrt(var + eps)
-        y = zc * rstd[:, None] * g[None, :] + beta[None, :]
+        y = _layernorm(z, cmask, g, beta, D, eps)
         tl.store(OUT + grow * ldo + cols[None, :], y.to(OUT.dtype.element_ty), mask=mask)
         if DO_POOL:
             ok = (tl.load(VALID + row0 + rows, mask=rmask, other=0) != 0) & rmask
@@ -136,6 +150,8 @@ def _residual_ln(
         tl.store(POOL + b.to(tl.int64) * ldp + cols, total / n, mask=cmask)
 
 
+# The device functions these kernels (and _triton_fused_gemm's) call, callees first.
+HELPERS = (_logits, _flash_head, _tanh, _layernorm)
 _cache: dict[bool, tuple] = {}
 
 
@@ -145,7 +161,7 @@ def _kernels():
     interp = triton_interpret_enabled()
     ks = _cache.get(interp)
     if ks is None:
-        ks = _cache[interp] = tuple(triton.jit(f) for f in (_flash_fwd, _bias_tanh, _residual_ln))
+        ks = _cache[interp] = jit_kernels((_flash_fwd, _bias_tanh, _residual_ln), HELPERS)
     return ks
 
 

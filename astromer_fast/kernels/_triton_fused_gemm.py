@@ -37,6 +37,9 @@ import torch
 import triton
 import triton.language as tl
 
+from astromer_fast.kernels._triton_fused_block import HELPERS, _flash_head, _layernorm, _tanh
+from astromer_fast.kernels._triton_jit import jit_kernels
+
 TUNE_ENV = "ASTROMER_FAST_TRITON_GEMM_TUNE"
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); the first is taken without tuning.
 BIAS_TANH_TILES = ((128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 3),
@@ -49,21 +52,12 @@ MLP_TILES = ((64, 64, 64, 8, 2), (64, 128, 64, 8, 2), (32, 64, 64, 4, 3), (128, 
 ATTENTION_OUT_TILES = ((64, 64, 8, 1), (64, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 1))
 
 
-def _gemm_bias_tanh(
-    A, lda, W, ldw, C, ldc, BIAS, M, N, K, n_tanh,
-    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PREC: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+def _tile_matmul(acc, A, lda, W, ldw, rows, cols, rmask, cmask, K,
+                 EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr):
+    """acc + A[rows, :K] @ W[:K, cols], K in BLOCK_K steps (``EVEN_K``: K is a multiple)."""
     ks = tl.arange(0, BLOCK_K)
-    rmask = rows < M
-    cmask = cols < N
     a_ptr = A + rows.to(tl.int64)[:, None] * lda + ks[None, :]
     w_ptr = W + ks[:, None] * ldw + cols[None, :]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptr, mask=rmask[:, None], other=0.0)
@@ -75,15 +69,43 @@ def _gemm_bias_tanh(
         acc = tl.dot(a, w, acc, input_precision=PREC)
         a_ptr += BLOCK_K
         w_ptr += BLOCK_K * ldw
+    return acc
+
+
+def _gemm_bias_tanh(
+    A, lda, W, ldw, C, ldc, BIAS, M, N, K, n_tanh,
+    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < M
+    cmask = cols < N
+    acc = _tile_matmul(tl.zeros([BLOCK_M, BLOCK_N], tl.float32), A, lda, W, ldw, rows, cols,
+                       rmask, cmask, K, EVEN_K, BLOCK_K, PREC)
     tmask = cols < n_tanh
-    x = acc + tl.load(BIAS + cols, mask=tmask, other=0.0)[None, :]
-    # tanh(x) = sign(x) (1 - e) / (1 + e), e = exp(-2|x|) <= 1: no overflow for any x.
-    e = tl.exp(-2.0 * tl.abs(x))
-    y = (1.0 - e) / (1.0 + e)
-    y = tl.where(x < 0, -y, y)
+    y = _tanh(acc + tl.load(BIAS + cols, mask=tmask, other=0.0)[None, :])
     out = tl.where(tmask[None, :], y, acc)
     c_ptr = C + rows.to(tl.int64)[:, None] * ldc + cols[None, :]
     tl.store(c_ptr, out.to(C.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+
+def _residual_ln_store(z, rows, cols, rmask, cmask, BZ, R, ldr, RB, G, BETA, OUT, ldo, D, eps,
+                       HAS_RES: tl.constexpr, HAS_RBIAS: tl.constexpr):
+    """OUT[rows] = LN(z + BZ (+ RB) (+ R[rows])) * G + BETA: the epilogue of the three kernels
+    that end a half of the block."""
+    mask = rmask[:, None] & cmask[None, :]
+    bias = tl.load(BZ + cols, mask=cmask, other=0.0)
+    if HAS_RBIAS:
+        bias += tl.load(RB + cols, mask=cmask, other=0.0)
+    z = z + bias[None, :]
+    if HAS_RES:
+        r_ptr = R + rows.to(tl.int64)[:, None] * ldr + cols[None, :]
+        z += tl.load(r_ptr, mask=mask, other=0.0).to(tl.float32)
+    y = _layernorm(z, cmask, tl.load(G + cols, mask=cmask, other=0.0),
+                   tl.load(BETA + cols, mask=cmask, other=0.0), D, eps)
+    o_ptr = OUT + rows.to(tl.int64)[:, None] * ldo + cols[None, :]
+    tl.store(o_ptr, y.to(OUT.dtype.element_ty), mask=mask)
 
 
 def _gemm_residual_ln(
@@ -91,105 +113,43 @@ def _gemm_residual_ln(
     HAS_RES: tl.constexpr, HAS_RBIAS: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
     rmask = rows < M
     cmask = cols < D
-    a_ptr = A + rows.to(tl.int64)[:, None] * lda + ks[None, :]
-    w_ptr = W + ks[:, None] * ldw + cols[None, :]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptr, mask=rmask[:, None], other=0.0)
-            w = tl.load(w_ptr, mask=cmask[None, :], other=0.0)
-        else:
-            kmask = (k0 + ks) < K
-            a = tl.load(a_ptr, mask=rmask[:, None] & kmask[None, :], other=0.0)
-            w = tl.load(w_ptr, mask=kmask[:, None] & cmask[None, :], other=0.0)
-        acc = tl.dot(a, w, acc, input_precision=PREC)
-        a_ptr += BLOCK_K
-        w_ptr += BLOCK_K * ldw
-    mask = rmask[:, None] & cmask[None, :]
-    bias = tl.load(BZ + cols, mask=cmask, other=0.0)
-    if HAS_RBIAS:
-        bias += tl.load(RB + cols, mask=cmask, other=0.0)
-    z = acc + bias[None, :]
-    if HAS_RES:
-        r_ptr = R + rows.to(tl.int64)[:, None] * ldr + cols[None, :]
-        z += tl.load(r_ptr, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(tl.where(cmask[None, :], z, 0.0), 1) / D
-    zc = tl.where(cmask[None, :], z - mean[:, None], 0.0)
-    var = tl.sum(zc * zc, 1) / D
-    rstd = 1.0 / tl.sqrt(var + eps)
-    g = tl.load(G + cols, mask=cmask, other=0.0)
-    beta = tl.load(BETA + cols, mask=cmask, other=0.0)
-    y = zc * rstd[:, None] * g[None, :] + beta[None, :]
-    o_ptr = OUT + rows.to(tl.int64)[:, None] * ldo + cols[None, :]
-    tl.store(o_ptr, y.to(OUT.dtype.element_ty), mask=mask)
+    acc = _tile_matmul(tl.zeros([BLOCK_M, BLOCK_N], tl.float32), A, lda, W, ldw, rows, cols,
+                       rmask, cmask, K, EVEN_K, BLOCK_K, PREC)
+    _residual_ln_store(acc, rows, cols, rmask, cmask, BZ, R, ldr, RB, G, BETA, OUT, ldo, D, eps,
+                       HAS_RES, HAS_RBIAS)
 
 
 def _mlp_residual_ln(
     A, lda, W1, ldw1, B1, W2, ldw2, WL, ldwl, B2, BL, G, BETA, OUT, ldo, M, D, F, eps,
-    HAS_LEAK: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LEAK: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
     fs = tl.arange(0, BLOCK_F)
     rmask = rows < M
     cmask = cols < D
-    a_rows = A + rows.to(tl.int64)[:, None] * lda
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     # The hidden layer in BLOCK_F-column slices: each slice goes through bias + tanh in registers
     # and straight into the second layer's accumulator, so U never reaches memory.
     for f0 in range(0, F, BLOCK_F):
         fmask = (f0 + fs) < F
-        u = tl.zeros([BLOCK_M, BLOCK_F], tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            if EVEN:
-                a = tl.load(a_rows + (k0 + ks)[None, :], mask=rmask[:, None], other=0.0)
-                w1 = tl.load(W1 + (k0 + ks)[:, None] * ldw1 + (f0 + fs)[None, :])
-            else:
-                kmask = (k0 + ks) < D
-                a = tl.load(a_rows + (k0 + ks)[None, :], mask=rmask[:, None] & kmask[None, :],
-                            other=0.0)
-                w1 = tl.load(W1 + (k0 + ks)[:, None] * ldw1 + (f0 + fs)[None, :],
-                             mask=kmask[:, None] & fmask[None, :], other=0.0)
-            u = tl.dot(a, w1, u, input_precision=PREC)
-        u += tl.load(B1 + f0 + fs, mask=fmask, other=0.0)[None, :]
-        e = tl.exp(-2.0 * tl.abs(u))
-        h = (1.0 - e) / (1.0 + e)
-        h = tl.where(u < 0, -h, h)
+        u = _tile_matmul(tl.zeros([BLOCK_M, BLOCK_F], tl.float32), A, lda, W1, ldw1, rows,
+                         f0 + fs, rmask, fmask, D, EVEN_K, BLOCK_K, PREC)
+        h = _tanh(u + tl.load(B1 + f0 + fs, mask=fmask, other=0.0)[None, :])
         h = tl.where(fmask[None, :], h, 0.0)
         w2 = tl.load(W2 + (f0 + fs)[:, None] * ldw2 + cols[None, :],
                      mask=fmask[:, None] & cmask[None, :], other=0.0)
         acc = tl.dot(h.to(w2.dtype), w2, acc, input_precision=PREC)
     if HAS_LEAK:
-        for k0 in range(0, D, BLOCK_K):
-            kmask = (k0 + ks) < D
-            a = tl.load(a_rows + (k0 + ks)[None, :], mask=rmask[:, None] & kmask[None, :],
-                        other=0.0)
-            wl = tl.load(WL + (k0 + ks)[:, None] * ldwl + cols[None, :],
-                         mask=kmask[:, None] & cmask[None, :], other=0.0)
-            acc = tl.dot(a, wl, acc, input_precision=PREC)
-    mask = rmask[:, None] & cmask[None, :]
-    bias = tl.load(B2 + cols, mask=cmask, other=0.0)
-    if HAS_LEAK:
-        bias += tl.load(BL + cols, mask=cmask, other=0.0)
-    z = acc + bias[None, :]
-    mean = tl.sum(tl.where(cmask[None, :], z, 0.0), 1) / D
-    zc = tl.where(cmask[None, :], z - mean[:, None], 0.0)
-    var = tl.sum(zc * zc, 1) / D
-    rstd = 1.0 / tl.sqrt(var + eps)
-    g = tl.load(G + cols, mask=cmask, other=0.0)
-    beta = tl.load(BETA + cols, mask=cmask, other=0.0)
-    y = zc * rstd[:, None] * g[None, :] + beta[None, :]
-    o_ptr = OUT + rows.to(tl.int64)[:, None] * ldo + cols[None, :]
-    tl.store(o_ptr, y.to(OUT.dtype.element_ty), mask=mask)
+        acc = _tile_matmul(acc, A, lda, WL, ldwl, rows, cols, rmask, cmask, D, EVEN_K, BLOCK_K,
+                           PREC)
+    _residual_ln_store(acc, rows, cols, rmask, cmask, B2, A, 0, BL, G, BETA, OUT, ldo, D, eps,
+                       False, HAS_LEAK)
 
 
 def _attention_out_ln(
@@ -197,12 +157,11 @@ def _attention_out_ln(
     RULE: tl.constexpr, SKIP: tl.constexpr, HAS_RES: tl.constexpr, HD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
 ):
-    # The flash loop is _triton_fused_block._flash_fwd's, per head; each head's output is the
-    # head's slice of the output projection's K dimension, so it goes straight into Z.
+    # Each head's output is the head's slice of the output projection's K dimension, so it goes
+    # into Z as soon as the head is done.
     b = tl.program_id(0)
-    pid_m = tl.program_id(1)
     row0 = b.to(tl.int64) * L
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HD)
     cols = tl.arange(0, BLOCK_D)
     mmask = offs_m < L
@@ -213,55 +172,13 @@ def _attention_out_ln(
     for h in range(0, H):
         q = tl.load(Y + (row0 + offs_m)[:, None] * ldy + (h * HD + offs_d)[None, :],
                     mask=mmask[:, None], other=0.0)
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, HD], tl.float32)
-        for start_n in range(0, L, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            nmask = offs_n < L
-            kh = tl.load(KH + row0 + offs_n, mask=nmask, other=1) != 0
-            visit = True
-            if SKIP:
-                n_open = tl.sum((nmask & (kh == 0)).to(tl.int32), 0)
-                visit = (n_open > 0) | allh
-            if visit:
-                kv_rows = (row0 + offs_n)[:, None] * ldy
-                k = tl.load(Y + kv_rows + (D + h * HD + offs_d)[None, :], mask=nmask[:, None],
-                            other=0.0)
-                v = tl.load(Y + kv_rows + (2 * D + h * HD + offs_d)[None, :],
-                            mask=nmask[:, None], other=0.0)
-                s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-                if RULE == 0:
-                    b1 = tl.where(kh, -1e9, 0.0)
-                    b2 = tl.where(kh & allh, 1e9, 0.0)
-                    s = (s + b1[None, :]) + b2[None, :]
-                else:
-                    s = s + tl.where(qh[:, None] | kh[None, :], 1.0, 0.0)
-                s = tl.where(nmask[None, :], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                alpha = tl.exp(m_i - m_new)
-                p = tl.exp(s - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-                m_i = m_new
-        o = acc / l_i[:, None]
+        o = _flash_head(Y, ldy, KH, row0, q, qh, allh, L, D + h * HD, 2 * D + h * HD, scale,
+                        RULE, SKIP, HD, BLOCK_M, BLOCK_N, PREC)
         wo = tl.load(WO + (h * HD + offs_d)[:, None] * ldwo + cols[None, :],
                      mask=cmask[None, :], other=0.0)
         z = tl.dot(o.to(wo.dtype), wo, z, input_precision=PREC)
-    mask = mmask[:, None] & cmask[None, :]
-    z += tl.load(BO + cols, mask=cmask, other=0.0)[None, :]
-    if HAS_RES:
-        z += tl.load(R + (row0 + offs_m)[:, None] * ldr + cols[None, :], mask=mask,
-                     other=0.0).to(tl.float32)
-    mean = tl.sum(tl.where(cmask[None, :], z, 0.0), 1) / D
-    zc = tl.where(cmask[None, :], z - mean[:, None], 0.0)
-    var = tl.sum(zc * zc, 1) / D
-    rstd = 1.0 / tl.sqrt(var + eps)
-    g = tl.load(G + cols, mask=cmask, other=0.0)
-    beta = tl.load(BETA + cols, mask=cmask, other=0.0)
-    y = zc * rstd[:, None] * g[None, :] + beta[None, :]
-    tl.store(OUT + (row0 + offs_m)[:, None] * ldo + cols[None, :], y.to(OUT.dtype.element_ty),
-             mask=mask)
+    _residual_ln_store(z, row0 + offs_m, cols, mmask, cmask, BO, R, ldr, BO, G, BETA, OUT, ldo, D,
+                       eps, HAS_RES, False)
 
 
 def _window_means(X, ldx, VALID, POOL, ldp, L, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -296,9 +213,9 @@ def _kernels():
     interp = _interpreting()
     ks = _cache.get(interp)
     if ks is None:
-        ks = _cache[interp] = tuple(triton.jit(f) for f in
-                                    (_gemm_bias_tanh, _gemm_residual_ln, _window_means,
-                                     _mlp_residual_ln, _attention_out_ln))
+        ks = _cache[interp] = jit_kernels(
+            (_gemm_bias_tanh, _gemm_residual_ln, _window_means, _mlp_residual_ln,
+             _attention_out_ln), HELPERS + (_tile_matmul, _residual_ln_store))
     return ks
 
 
@@ -451,7 +368,7 @@ def mlp_residual_layernorm(a: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
             a, a.stride(0), w1, w1.stride(0), b1, w2, w2.stride(0),
             w_leak if leak else w1, w_leak.stride(0) if leak else 0, b2,
             b_leak if leak else b2, gamma, beta, out, out.stride(0), M, D, F, float(eps),
-            HAS_LEAK=leak, EVEN=D % bk == 0 and F % bf == 0, BLOCK_M=bm, BLOCK_N=block_n,
+            HAS_LEAK=leak, EVEN_K=D % bk == 0, BLOCK_M=bm, BLOCK_N=block_n,
             BLOCK_F=bf, BLOCK_K=bk, PREC=_precision(a.dtype), **extra)
 
     if _interpreting():

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from astromer_fast.kernels._triton_jit import jit_kernels
+
 
 def _logits(q, k, qh, kh, allh, nmask, scale, RULE: tl.constexpr, PREC: tl.constexpr):
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
@@ -171,30 +173,14 @@ _cache: dict[bool, tuple] = {}
 _FP32_STAGES = 1
 
 
-def _rebound(fn, g):
-    """A copy of ``fn`` whose globals are ``g``. The annotations must come along: the compiling
-    JIT reads ``tl.constexpr`` from them (without, RULE/PREC become runtime arguments and a str
-    cannot be bound), while the interpreter ignores them, which is why only a GPU showed it."""
-    new = type(fn)(fn.__code__, g, fn.__name__, fn.__defaults__, fn.__closure__)
-    new.__annotations__ = dict(fn.__annotations__)
-    new.__kwdefaults__ = fn.__kwdefaults__
-    new.__qualname__, new.__module__, new.__doc__ = fn.__qualname__, fn.__module__, fn.__doc__
-    return new
-
-
 def _kernels():
     from astromer_fast.kernels.backends import triton_interpret_enabled
 
     interp = triton_interpret_enabled()
     ks = _cache.get(interp)
     if ks is None:
-        logits = triton.jit(_logits)
-        g = dict(globals(), _logits=logits)
-        # Rebind the helper inside each kernel's globals so that the jitted kernels call the
-        # jitted helper of the same mode (compiled or interpreted).
-        ks = tuple(triton.jit(_rebound(fn, g))
-                   for fn in (_fwd_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_delta_kernel))
-        _cache[interp] = ks
+        ks = _cache[interp] = jit_kernels(
+            (_fwd_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_delta_kernel), (_logits,))
     return ks
 
 
