@@ -45,6 +45,7 @@ __all__ = [
     "attention_bias_reference",
     "masked_attention",
     "masked_attention_reference",
+    "sdpa_mask",
 ]
 
 OP_FWD = "astromer_fast::masked_attention_fwd"
@@ -407,20 +408,30 @@ def masked_attention(
     return out.to(q.dtype)
 
 
+def sdpa_mask(key_hidden: Tensor, rule: str, dtype: torch.dtype, for_gradient: bool):
+    """What torch's SDPA takes for a mask rule: (additive bias, a (B, 1, 1, 1) factor for the
+    queries or None).
+
+    Below float64 a window whose keys are all hidden has every logit rounded to -1e9: uniform
+    weights, which SDPA's forward gives but not its backward, which recomputes the weights from a
+    log-sum-exp the -1e9 has absorbed (every weight comes back as 1, not 1 / L). With
+    ``for_gradient`` such windows get no bias and zero queries instead: the same uniform weights,
+    and the derivative of them (nothing to q and k, on which uniform weights do not depend).
+    float64 keeps the scores beside -1e9 and SDPA's backward resolves them."""
+    if for_gradient and rule == "key" and dtype != torch.float64:
+        all_hidden = key_hidden.all(1)
+        return (attention_bias(key_hidden & ~all_hidden[:, None], rule, dtype),
+                (~all_hidden).to(dtype)[:, None, None, None])
+    return attention_bias(key_hidden, rule, dtype), None
+
+
 def _sdpa(q, k, v, key_hidden, rule):
     """PyTorch's fused SDPA with the additive bias of the rule (the same -1e9 / +1 terms as the
-    reference, so all-hidden rows are uniform averages too).
-
-    Below float64, SDPA's backward gets a window whose keys are all hidden wrong: -1e9 swamps the
-    log-sum-exp it keeps, and it recomputes every weight as 1 instead of 1 / L. When a gradient
-    is recorded such windows take no bias and zero queries instead: the same uniform weights in
-    the forward, and the derivative of them (nothing to q and k). Inference keeps the plain call."""
+    reference, so all-hidden rows are uniform averages too); when a gradient is recorded, with
+    ``sdpa_mask``'s route around SDPA's backward for windows whose keys are all hidden."""
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or
                                               v.requires_grad)
-    if rule == "key" and q.dtype != torch.float64 and needs_grad:
-        all_hidden = key_hidden.all(1)
-        bias = attention_bias(key_hidden & ~all_hidden[:, None], rule, q.dtype)
-        q = q * (~all_hidden).to(q.dtype)[:, None, None, None]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-    bias = attention_bias(key_hidden, rule, q.dtype)
+    bias, query_keep = sdpa_mask(key_hidden, rule, q.dtype, needs_grad)
+    if query_keep is not None:
+        q = q * query_keep
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)

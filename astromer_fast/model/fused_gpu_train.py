@@ -34,7 +34,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from astromer_fast.kernels.masked_attention import attention_bias
+from astromer_fast.kernels.masked_attention import sdpa_mask
 
 # The compute dtypes besides the parameters' own (no cast).
 LOW_PRECISION = (torch.bfloat16,)
@@ -122,25 +122,6 @@ def check_dtype(model, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-def _attention_mask(hidden: torch.Tensor, rule: str, dtype: torch.dtype):
-    """The additive bias of ``rule`` for SDPA, and a (B, 1, 1, 1) factor for the queries (or None).
-
-    Below float64, a window whose keys are all hidden has every logit rounded to -1e9: uniform
-    weights, which the forward of SDPA gives but not its backward, which recomputes the weights
-    from a log-sum-exp that -1e9 has absorbed (every weight comes back as 1). Those windows get
-    no bias and zero queries instead: the same uniform weights, from logits SDPA's backward
-    handles, and the derivative of what is computed (nothing flows to q and k, on which uniform
-    weights do not depend; the plain model's reference passes a gradient through the rounding).
-    The mask composition of training never hides every observation of a window; this keeps
-    other masks correct. float64 keeps the scores beside -1e9, as the plain model's float64
-    reference does, and SDPA's backward resolves them."""
-    if rule != "key" or dtype == torch.float64:
-        return attention_bias(hidden, rule, dtype), None
-    all_hidden = hidden.all(1)
-    bias = attention_bias(hidden & ~all_hidden[:, None], rule, dtype)
-    return bias, (~all_hidden).to(dtype)[:, None, None, None]
-
-
 def fused_train_encode(model, t: torch.Tensor, m: torch.Tensor, hidden: torch.Tensor, *,
                        dtype: torch.dtype | None = None, backend: str | None = None
                        ) -> torch.Tensor:
@@ -163,7 +144,8 @@ def fused_train_encode(model, t: torch.Tensor, m: torch.Tensor, hidden: torch.Te
 
     x = model.dropout(model.embedding(t, m, hidden, backend=backend)).reshape(N, D)
     blocks = packed_block_weights(model, dt)
-    bias, query_keep = _attention_mask(hidden, cfg.mask_rule, dt)
+    # One mask per forward, with SDPA's backward routed around windows whose keys are all hidden.
+    bias, query_keep = sdpa_mask(hidden, cfg.mask_rule, dt, for_gradient=True)
     for blk, w in zip(model.blocks, blocks):
         y = F.linear(x.to(dt), w["w_in"], w["b_in"])
         q, k, v, *y_leak = _SplitColumns.apply(y, qkv_widths)
