@@ -312,7 +312,9 @@ class FusedGpuEncoder:
 
         cfg = self.config
         D, dff, N = cfg.d_model, cfg.dff, B * L
-        o = torch.empty(N, D, dtype=self.dtype, device=self.device)
+        # The one-kernel attention half never writes the attention output O.
+        o = None if self.gemm == "triton_block" else \
+            torch.empty(N, D, dtype=self.dtype, device=self.device)
         a = torch.empty(N, D, dtype=self.dtype, device=self.device)
         H = cfg.n_heads
         for i, blk in enumerate(self.blocks):
